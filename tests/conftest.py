@@ -1,0 +1,39 @@
+"""Shared fixtures: configs composed exactly as the command line composes them, and the two tiny twins
+loaded once per test session."""
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from vlm.cli import CONFIG_DIR
+
+TWINS = ["tiny_qwen2vl", "tiny_gemma3"]
+
+
+def make_cfg(*overrides: str, config_name: str = "config"):
+    """The config `python -m ... <overrides>` would see."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=["device=cpu", *overrides])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _offline():
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+_loaded = {}
+
+
+def load_twin(name: str):
+    from vlm.models import load_model
+
+    if name not in _loaded:
+        _loaded[name] = load_model(make_cfg(f"model={name}"))
+    return _loaded[name]
+
+
+@pytest.fixture(params=TWINS)
+def twin(request):
+    """Each tiny twin in turn (loaded once per session, built into .cache/twins on first use)."""
+    return load_twin(request.param)

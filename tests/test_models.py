@@ -1,0 +1,174 @@
+"""The model layer on both tiny twins: token order, visual token positions, hooks, scoring, padding."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_gen.render import random_samples
+from data_gen.scenes import pixel_box
+from data_gen.settings import DIRECTIONS, Setting
+from tests.conftest import make_cfg
+from vlm.hooks import Hook, capture, hooks
+from vlm.scoring import AnswerScorer
+
+
+def one_block_image(grid, row, col, color=(200, 30, 30)):
+    """A white image whose only non-white pixels are visual token (row, col)'s block."""
+    image = Image.new("RGB", (grid.width, grid.height), "white")
+    x0, y0, x1, y1 = pixel_box(grid, (row, col, row + 1, col + 1))
+    image.paste(color, (x0, y0, x1, y1))
+    return image
+
+
+@pytest.fixture
+def local_vision(twin):
+    """Make every vision-encoder block the identity, so a visual token depends only on its own pixels."""
+    vision = twin.model.model.visual.blocks if twin.adapter.name == "qwen2vl" \
+        else twin.model.model.vision_tower.vision_model.encoder.layers
+
+    def passthrough(_module, args, kwargs, output):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [block.register_forward_hook(passthrough, with_kwargs=True) for block in vision]
+    try:
+        yield twin
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def visual_embeddings(vlm, images, prompt="The color of the square to the left of the green square is"):
+    inputs = vlm.encode(images, [prompt] * len(images))
+    with capture({"visual": vlm.visual_embedding_module}) as cache:
+        vlm.last_logits(inputs)
+    return inputs, vlm.adapter.visual_embeddings_to_tokens(cache["visual"], len(images))
+
+
+@pytest.mark.parametrize("row,col", [(0, 0), (2, 7), (5, 1), (11, 11)])
+def test_one_block_lights_its_token(local_vision, row, col):
+    vlm = local_vision
+    white = Image.new("RGB", (vlm.grid.width, vlm.grid.height), "white")
+    inputs, emb = visual_embeddings(vlm, [white, one_block_image(vlm.grid, row, col)])
+    changed = (emb[1] - emb[0]).abs().amax(-1) > 1e-5
+    expected = row * vlm.grid.cols + col
+    assert changed.nonzero().flatten().tolist() == [expected]
+
+    # the processed pixels: no resizing, and the block's patches are where the token order says
+    pixels = inputs["pixel_values"]
+    if vlm.adapter.name == "qwen2vl":
+        patches = pixels.reshape(2, -1, pixels.shape[-1])          # (image, patch, values)
+        differs = (patches[1] - patches[0]).abs().amax(-1) > 1e-6
+        per_token = differs.reshape(vlm.n_visual_tokens, 4).all(-1)  # 2 x 2 patches per merged token
+        assert per_token.nonzero().flatten().tolist() == [expected]
+        assert int(differs.sum()) == 4
+    else:
+        assert tuple(pixels.shape[-2:]) == (vlm.grid.height, vlm.grid.width)
+        differs = (pixels[1] - pixels[0]).abs().amax(0) > 1e-6
+        ys, xs = differs.nonzero(as_tuple=True)
+        x0, y0, x1, y1 = pixel_box(vlm.grid, (row, col, row + 1, col + 1))
+        assert (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) == (x0, y0, x1, y1)
+
+
+def test_visual_token_positions_match_grid(twin):
+    prompts = ["The color of the square to the left of the green square is", "The object above the key is"]
+    white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
+    inputs = twin.encode([white, white], prompts)
+    positions = twin.visual_token_positions(inputs["input_ids"])
+    assert positions.shape == (2, twin.grid.rows * twin.grid.cols)
+    for row in range(2):
+        ids = inputs["input_ids"][row]
+        assert bool((ids[positions[row]] == twin.image_token_id).all())
+        assert int((ids == twin.image_token_id).sum()) == twin.grid.rows * twin.grid.cols
+        assert torch.equal(positions[row], torch.arange(positions[row, 0], positions[row, 0] + positions.shape[1]))
+
+
+def test_hook_captures_equal_hidden_states(twin):
+    sample = random_samples(Setting.from_config(make_cfg("setting=squares").setting), twin.grid, twin.layout, 2, 0)
+    inputs = twin.encode([s.image for s in sample], [s.prompt for s in sample])
+    layers = {f"layer{i}": layer for i, layer in enumerate(twin.decoder_layers)}
+    with capture({"visual": twin.visual_embedding_module, **layers}) as cache, torch.no_grad():
+        out = twin.model(**inputs, output_hidden_states=True)
+    # hidden_states[0] is the embedding output; [i + 1] the output of layer i (the last one after the norm)
+    for i in range(twin.n_layers - 1):
+        torch.testing.assert_close(cache[f"layer{i}"], out.hidden_states[i + 1], rtol=0, atol=0)
+    final_norm = twin.model.model.language_model.norm
+    torch.testing.assert_close(final_norm(cache[f"layer{twin.n_layers - 1}"]), out.hidden_states[-1])
+    # the visual module's output is what get_image_features hands the LM
+    with torch.no_grad():
+        kwargs = {"image_grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}
+        features = twin.model.model.get_image_features(pixel_values=inputs["pixel_values"], **kwargs)
+    features = getattr(features, "pooler_output", features)
+    features = torch.cat(list(features)) if isinstance(features, (tuple, list)) else features
+    torch.testing.assert_close(cache["visual"].reshape(-1, cache["visual"].shape[-1]),
+                               features.reshape(-1, features.shape[-1]))
+
+
+def test_hooks_are_removed_on_error(twin):
+    layer = twin.decoder_layers[0]
+
+    def boom(_tensor):
+        raise RuntimeError("boom")
+
+    white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
+    inputs = twin.encode([white], ["The object above the key is"])
+    with pytest.raises(RuntimeError, match="boom"), hooks(Hook(layer, boom)):
+        twin.last_logits(inputs)
+    assert not layer._forward_hooks
+    twin.last_logits(inputs)
+
+
+def test_left_padding_keeps_each_rows_logits(twin):
+    setting = Setting.from_config(make_cfg("setting=shapes").setting)
+    samples = random_samples(setting, twin.grid, twin.layout, 3, 1)
+    prompts = [samples[0].prompt, "The object to the right of the key is", samples[2].prompt]
+    images = [s.image for s in samples]
+    batched = twin.last_logits(twin.encode(images, prompts))
+    for i in range(3):
+        single = twin.last_logits(twin.encode([images[i]], [prompts[i]]))
+        torch.testing.assert_close(batched[i], single[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("setting_name", ["squares", "shapes", "objects"])
+def test_every_prompt_tokenizes_on_the_twins(twin, setting_name):
+    setting = Setting.from_config(make_cfg(f"setting={setting_name}").setting)
+    for item in setting.items:
+        for direction in DIRECTIONS:
+            text = twin.chat_text(setting.prompt(direction, item))
+            ids = twin.tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert twin.tokenizer.unk_token_id not in ids
+            assert twin.tokenizer.decode(ids) == text
+    # every candidate answer has its own first tokens
+    scorer = AnswerScorer(twin.tokenizer, setting.candidates)
+    assert all(len(ids) >= 2 for ids in scorer.token_ids)
+
+
+def test_chat_format_ends_with_generation_prompt(twin):
+    text = twin.chat_text("The object above the key is")
+    assert text.startswith(("<|im_start|>system\nYou are a helpful assistant. You respond in one token.",
+                            "<bos><start_of_turn>user\nYou are a helpful assistant. You respond in one token."))
+    assert text.endswith(("<|im_start|>assistant\n", "<start_of_turn>model\n"))
+
+
+def test_scoring_picks_forced_candidate(twin):
+    candidates = ["red", "green", "blue"]
+    scorer = AnswerScorer(twin.tokenizer, candidates)
+    white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
+    inputs = twin.encode([white], ["The object above the key is"])
+    vocab = twin.model.lm_head.out_features
+    forced = torch.full((vocab,), -30.0)
+    # "green" gets 0.4 on one form; "blue" gets 0.3 on each of two forms and so must win (0.6 > 0.4)
+    forced[scorer.token_ids[1][0]] = np.log(0.4)
+    forced[scorer.token_ids[2][0]] = np.log(0.3)
+    forced[scorer.token_ids[2][1]] = np.log(0.3)
+
+    def force(logits):
+        return forced.to(logits.dtype).expand_as(logits).clone()
+
+    with hooks(Hook(twin.model.lm_head, force)):
+        logits = twin.last_logits(inputs)
+    probs = scorer.probabilities(logits)
+    assert scorer.predict(logits).tolist() == [2]
+    torch.testing.assert_close(probs[0], torch.tensor([0.0, 0.4, 0.6]), atol=1e-4, rtol=0)
+    assert scorer.greedy_candidate(logits) == ["green"]     # greedy takes the single most likely token

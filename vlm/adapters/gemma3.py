@@ -1,0 +1,83 @@
+"""Gemma 3 (google/gemma-3-4b-it): SigLIP `model.model.vision_tower`, then
+`model.model.multi_modal_projector` (4 x 4 average pooling to 16 x 16 tokens and a linear map into
+the LM); LM layers `model.model.language_model.layers`."""
+
+import torch
+from transformers import (
+    BatchFeature,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+)
+
+from vlm.adapters.base import FamilyAdapter
+
+
+class Gemma3Adapter(FamilyAdapter):
+    name = "gemma3"
+    model_class = Gemma3ForConditionalGeneration
+    config_class = Gemma3Config
+    # pad, eos, bos, unk keep the real tokenizer's ids 0-3
+    special_tokens = [
+        "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>",
+        "<start_of_image>", "<end_of_image>", "<image_soft_token>",
+    ]
+    tokenizer_roles = {
+        "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>",
+        "extra_special_tokens": {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                                 "eoi_token": "<end_of_image>"},
+    }
+    image_token = "<image_soft_token>"
+
+    def build_image_processor(self, grid):
+        from transformers import Gemma3ImageProcessorPil
+
+        # gemma-3-4b-it's preprocessor_config.json: 896 px, bilinear, mean = std = 0.5, no pan-and-scan
+        return Gemma3ImageProcessorPil(size={"height": grid.height, "width": grid.width}, resample=2,
+                                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+                                       do_pan_and_scan=False)
+
+    def build_config(self, architecture: dict, tokenizer) -> Gemma3Config:
+        text = dict(architecture["text_config"])
+        text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.special_tokens}
+        text.update(pad_token_id=ids["<pad>"], eos_token_id=ids["<eos>"], bos_token_id=ids["<bos>"])
+        return Gemma3Config(
+            text_config=text, vision_config=dict(architecture["vision_config"]),
+            mm_tokens_per_image=architecture["mm_tokens_per_image"],
+            boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"],
+        )
+
+    def fit_image_processor(self, image_processor, grid) -> None:
+        size = image_processor.size
+        height = size["height"] if isinstance(size, dict) else size.height
+        width = size["width"] if isinstance(size, dict) else size.width
+        if (height, width) != (grid.height, grid.width):
+            raise ValueError(f"Gemma 3 image processor resizes to {width} x {height}, but the model config's grid "
+                             f"needs {grid.width} x {grid.height}")
+        image_processor.do_pan_and_scan = False
+
+    def visual_embedding_module(self, model):
+        return model.model.multi_modal_projector
+
+    def decoder_layers(self, model):
+        return model.model.language_model.layers
+
+    def image_token_id(self, model) -> int:
+        return model.config.image_token_index
+
+    def visual_grid(self, model, image_processor, grid):
+        per_side = int(round(model.config.mm_tokens_per_image ** 0.5))
+        size = image_processor.size
+        height = size["height"] if isinstance(size, dict) else size.height
+        return per_side, per_side, height // per_side
+
+    def encode(self, tokenizer, image_processor, images, texts, tokens_per_image) -> BatchFeature:
+        processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                    image_seq_length=tokens_per_image)
+        enc = processor(images=[[image] for image in images], text=list(texts), padding=True,
+                        return_tensors="pt", add_special_tokens=False)
+        # token_type_ids (1 at image tokens) makes image tokens attend to each other both ways (SPEC 3)
+        return BatchFeature({k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")})
+

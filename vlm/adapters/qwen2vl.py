@@ -1,0 +1,92 @@
+"""Qwen2-VL (Qwen/Qwen2-VL-7B-Instruct): visual tower `model.model.visual`, whose patch merger
+`model.model.visual.merger` outputs one vector per 2 x 2 group of 14 px patches; LM layers
+`model.model.language_model.layers`."""
+
+import torch
+from transformers import (
+    BatchFeature,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+from vlm.adapters.base import FamilyAdapter
+
+
+class Qwen2VLAdapter(FamilyAdapter):
+    name = "qwen2vl"
+    model_class = Qwen2VLForConditionalGeneration
+    config_class = Qwen2VLConfig
+    special_tokens = [
+        "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+        "<|image_pad|>", "<|video_pad|>", "<unk>",
+    ]
+    tokenizer_roles = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
+    image_token = "<|image_pad|>"
+
+    def build_image_processor(self, grid):
+        from transformers import Qwen2VLImageProcessorPil
+
+        pixels = grid.height * grid.width
+        return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
+                                        temporal_patch_size=2)
+
+    def build_config(self, architecture: dict, tokenizer) -> Qwen2VLConfig:
+        text = dict(architecture["text_config"])
+        text["vocab_size"] = max(text.get("vocab_size", 0), len(tokenizer))
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
+               ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
+        text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        return Qwen2VLConfig(
+            text_config=text, vision_config=dict(architecture["vision_config"]),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+
+    def fit_image_processor(self, image_processor, grid) -> None:
+        # min_pixels = max_pixels = the image's own size: the processor never resizes (SPEC 2)
+        pixels = grid.height * grid.width
+        image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
+        for attr in ("min_pixels", "max_pixels"):
+            if hasattr(image_processor, attr):
+                setattr(image_processor, attr, pixels)
+
+    def visual_embedding_module(self, model):
+        return model.model.visual.merger
+
+    def decoder_layers(self, model):
+        return model.model.language_model.layers
+
+    def image_token_id(self, model) -> int:
+        return model.config.image_token_id
+
+    def visual_grid(self, model, image_processor, grid):
+        from PIL import Image
+
+        thw = image_processor(images=[Image.new("RGB", (grid.width, grid.height), "white")],
+                              return_tensors="pt")["image_grid_thw"][0]
+        merge = model.config.vision_config.spatial_merge_size
+        patch = model.config.vision_config.patch_size
+        return int(thw[1]) // merge, int(thw[2]) // merge, patch * merge
+
+    def encode(self, tokenizer, image_processor, images, texts, tokens_per_image) -> BatchFeature:
+        # What Qwen2VLProcessor does, without its video processor (which needs torchvision, absent on
+        # CPU-only torch): one <|image_pad|> per merged visual token, and mm_token_type_ids marking them.
+        vision = image_processor(images=list(images), return_tensors="pt")
+        merge = image_processor.merge_size
+        counts = (vision["image_grid_thw"].prod(-1) // merge**2).tolist()
+        if any(count != tokens_per_image for count in counts):
+            raise ValueError(f"images give {counts} visual tokens, the grid says {tokens_per_image}")
+        expanded = []
+        for text, count in zip(texts, counts, strict=True):
+            if text.count(self.image_token) != 1:
+                raise ValueError(f"expected one {self.image_token} in the chat text, got {text.count(self.image_token)}")
+            expanded.append(text.replace(self.image_token, self.image_token * count))
+        enc = tokenizer(expanded, padding=True, return_tensors="pt", add_special_tokens=False)
+        image_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        return BatchFeature({
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+            "mm_token_type_ids": (enc["input_ids"] == image_id).to(torch.long),
+        })

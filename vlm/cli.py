@@ -1,0 +1,43 @@
+"""The one way a command starts: Hydra composes `configs/`, and bad input becomes a one-line error."""
+
+import functools
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+class UsageError(Exception):
+    """Bad input from the user (a value that is not allowed, a missing path). Printed as one line, exit code 2."""
+
+
+def entrypoint(config_name: str = "config"):
+    """Decorate `fn(cfg)` into a Hydra main over `configs/<config_name>.yaml`.
+
+    A `UsageError` raised inside prints `error: <message>` on stderr and exits with code 2, before any
+    result is written (results are only ever written whole, see vlm.results).
+    """
+
+    def wrap(fn):
+        @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+        @functools.wraps(fn)
+        def main(cfg: DictConfig):
+            try:
+                return fn(cfg)
+            except UsageError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+
+        return main
+
+    return wrap
+
+
+def check_choice(what: str, value, allowed) -> None:
+    """Raise a UsageError naming `value` and the allowed values unless `value` is one of them."""
+    allowed = list(allowed)
+    if value not in allowed:
+        raise UsageError(f"unknown {what} {value!r}; allowed: {', '.join(map(str, allowed))}")

@@ -1,0 +1,172 @@
+"""Load a VLM from a model config (real checkpoint, full-size random architecture, or tiny twin) and
+answer what experiments ask of it: visual grid, modules, visual token positions, chat prompts, logits."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+
+from data_gen.scenes import Grid, Layout
+from vlm.adapters import ADAPTERS, FamilyAdapter
+from vlm.cli import UsageError, check_choice
+from vlm.twins import build_parts, chat_messages, ensure_twin
+
+INITS = ("pretrained", "random")
+
+
+@dataclass
+class VLM:
+    """A loaded model with its tokenizer and image processor.
+
+    `grid` is the visual token grid (rows x cols, pixels per token) and `layout` the item geometry, both
+    from the model config and checked against the loaded processor at load time.
+    """
+
+    name: str
+    adapter: FamilyAdapter
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    grid: Grid
+    layout: Layout
+    system_prompt: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def visual_embedding_module(self) -> torch.nn.Module:
+        return self.adapter.visual_embedding_module(self.model)
+
+    @property
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        return self.adapter.decoder_layers(self.model)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.decoder_layers)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.adapter.image_token_id(self.model)
+
+    @property
+    def n_visual_tokens(self) -> int:
+        return self.grid.rows * self.grid.cols
+
+    def check_layers(self, layers) -> list[int]:
+        """Return `layers` as a list, or raise a UsageError naming the first one out of range."""
+        layers = list(range(self.n_layers)) if layers in (None, "all") else [int(layer) for layer in layers]
+        for layer in layers:
+            if not 0 <= layer < self.n_layers:
+                raise UsageError(f"layer {layer} is out of range for {self.name}: allowed 0..{self.n_layers - 1}")
+        return layers
+
+    def chat_text(self, prompt: str) -> str:
+        """The model's own chat template over the system prompt and one user turn (image, prompt), with the
+        generation prompt added, as text."""
+        return self.tokenizer.apply_chat_template(chat_messages(self.system_prompt, prompt),
+                                                  add_generation_prompt=True, tokenize=False)
+
+    def encode(self, images, prompts) -> BatchFeature:
+        """Inputs for one image per prompt, left-padded so the last position is every row's last token."""
+        texts = [self.chat_text(p) for p in prompts]
+        inputs = self.adapter.encode(self.tokenizer, self.image_processor, images, texts, self.n_visual_tokens)
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and bool((inputs["input_ids"] == unk).any()):
+            row = int((inputs["input_ids"] == unk).any(-1).nonzero()[0, 0])
+            raise UsageError(f"prompt {prompts[row]!r} has words outside {self.name}'s vocabulary")
+        return inputs.to(self.device)
+
+    def visual_token_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, n_visual_tokens) sequence positions of each row's visual tokens, found from the image
+        token id, in visual token order."""
+        mask = input_ids == self.image_token_id
+        counts = mask.sum(-1)
+        if not bool((counts == self.n_visual_tokens).all()):
+            raise ValueError(f"expected {self.n_visual_tokens} image tokens per row, found {counts.tolist()}")
+        return mask.nonzero()[:, 1].reshape(input_ids.shape[0], self.n_visual_tokens)
+
+    @torch.no_grad()
+    def last_logits(self, inputs) -> torch.Tensor:
+        """(batch, vocab) float32 next-token logits at the last position; only that position is projected."""
+        out = self.model(**inputs, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise UsageError(f"device={device} is not a device; allowed: auto, cpu, cuda, cuda:N") from err
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (resolved.index or 0) >= count:
+            raise UsageError(f"device={device} but {count} CUDA GPU(s) are visible; use device=auto or device=cpu")
+    return resolved
+
+
+def load_model(cfg: DictConfig) -> VLM:
+    """Load `cfg.model` on `cfg.device`. A twin is built first if needed; init=random builds the full-size
+    architecture with random weights and no download; otherwise from_pretrained(path)."""
+    mcfg = cfg.model
+    check_choice("model family", mcfg.family, ADAPTERS)
+    check_choice("model.init", mcfg.init, INITS)
+    adapter = ADAPTERS[mcfg.family]
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, mcfg.dtype)
+    grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
+
+    if mcfg.init == "random":
+        _, tokenizer, image_processor, config = build_parts(mcfg, cfg.system_prompt)
+        with torch.device(device):
+            model = adapter.model_class._from_config(config, dtype=dtype,
+                                                     attn_implementation=mcfg.attn_implementation)
+    else:
+        path = str(ensure_twin(mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path)
+        tokenizer, image_processor, model = _from_pretrained(adapter, path, mcfg, device, dtype)
+    model.eval().requires_grad_(False)
+    tokenizer.padding_side = "left"
+    adapter.fit_image_processor(image_processor, grid)
+    vlm = VLM(mcfg.name, adapter, model, tokenizer, image_processor, grid, layout, cfg.system_prompt)
+    _check_grid(vlm)
+    return vlm
+
+
+def _checked_path(path: str) -> str:
+    local = Path(path).expanduser()
+    if local.exists():
+        return str(local)
+    if path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UsageError(f"model.path {path!r} does not exist; give a local checkpoint directory or a hub id like Org/Name")
+    return path
+
+
+def _from_pretrained(adapter, path, mcfg, device, dtype):
+    device_map = mcfg.device_map if device.type == "cuda" and mcfg.device_map else None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        image_processor = AutoImageProcessor.from_pretrained(path)
+        model = adapter.model_class.from_pretrained(path, dtype=dtype, device_map=device_map,
+                                                    attn_implementation=mcfg.attn_implementation)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {mcfg.name!r} from {path!r} (no local copy and no hub access?): {first}") from err
+    if device_map is None:
+        model.to(device)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = adapter.chat_template()
+    return tokenizer, image_processor, model
+
+
+def _check_grid(vlm: VLM) -> None:
+    rows, cols, ppt = vlm.adapter.visual_grid(vlm.model, vlm.image_processor, vlm.grid)
+    expected = (vlm.grid.rows, vlm.grid.cols, vlm.grid.pixels_per_token)
+    if (rows, cols, ppt) != expected:
+        raise UsageError(f"model {vlm.name} makes a {rows} x {cols} visual grid of {ppt} px tokens, but its config "
+                         f"says {expected[0]} x {expected[1]} of {expected[2]} px")

@@ -1,0 +1,69 @@
+"""Results on disk (SPEC 7): results/<experiment>/<model>/<setting>/ holds metrics.json (metrics, resolved
+config, seed, package versions, git commit) and arrays.npz. A unit is written to a temporary directory and
+renamed into place, so a run never leaves a half-written unit."""
+
+import json
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def unit_dir(cfg: DictConfig, experiment: str, setting: str | None = None) -> Path:
+    return Path(cfg.results_dir) / experiment / cfg.model.name / (setting or cfg.setting.name)
+
+
+def is_done(directory: Path) -> bool:
+    return (directory / "metrics.json").exists()
+
+
+def provenance(cfg: DictConfig) -> dict:
+    import torch
+    import transformers
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "seed": cfg.seed,
+        "git_commit": commit,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__},
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def save_unit(directory: Path, metrics: dict, arrays: dict, cfg: DictConfig) -> None:
+    """Write metrics.json and arrays.npz into `directory`, replacing it whole."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    np.savez_compressed(tmp / "arrays.npz", **arrays)
+    (tmp / "metrics.json").write_text(json.dumps({"metrics": metrics, **provenance(cfg)}, indent=1))
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+
+
+def load_unit(directory: Path) -> tuple[dict, dict]:
+    """(metrics.json as a dict, arrays.npz as a dict of arrays)."""
+    directory = Path(directory)
+    record = json.loads((directory / "metrics.json").read_text())
+    with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return record, arrays
+
+
+def find_units(results_dir: Path, experiment: str) -> list[Path]:
+    """Every finished unit of `experiment`, sorted by model then setting."""
+    return sorted(p.parent for p in (Path(results_dir) / experiment).glob("*/*/metrics.json"))
