@@ -11,7 +11,8 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from data_gen.scenes import Grid, Layout
 from vlm.adapters import ADAPTERS, FamilyAdapter
 from vlm.cli import UsageError, check_choice
-from vlm.twins import build_parts, chat_messages, ensure_twin
+from vlm.hooks import Hook, capture, hooks
+from vlm.twins import build_parts, chat_messages, ensure_twin, initialise_zero_weights
 
 INITS = ("pretrained", "random")
 
@@ -91,10 +92,36 @@ class VLM:
         return mask.nonzero()[:, 1].reshape(input_ids.shape[0], self.n_visual_tokens)
 
     @torch.no_grad()
-    def last_logits(self, inputs) -> torch.Tensor:
-        """(batch, vocab) float32 next-token logits at the last position; only that position is projected."""
-        out = self.model(**inputs, logits_to_keep=1)
-        return out.logits[:, -1].float()
+    def last_logits(self, inputs, visual_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """(batch, vocab) float32 next-token logits at the last position; only that position is projected.
+
+        `visual_tokens` (batch, tokens, hidden), when given, are used as the visual embeddings instead of
+        running the vision tower on `inputs["pixel_values"]` (an image's embeddings are computed once)."""
+        if visual_tokens is None:
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        visual_tokens = visual_tokens.to(self.device, self.model.dtype)
+        if _accepts_encoder_outputs(self.model):
+            inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+            encoded = self.adapter.encoder_outputs(visual_tokens)
+            return self.model(**inputs, mm_encoder_outputs={"image": encoded}, logits_to_keep=1).logits[:, -1].float()
+        # a transformers without `mm_encoder_outputs`: the tower runs, its projected output is replaced
+        replace = Hook(self.visual_embedding_module,
+                       lambda output: self.adapter.visual_embeddings_from_tokens(visual_tokens, output))
+        with hooks(replace):
+            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    @torch.no_grad()
+    def visual_tokens(self, inputs) -> torch.Tensor:
+        """(batch, tokens, hidden) visual embeddings of the inputs' images, tokens in row-major grid order."""
+        with capture({"visual": self.visual_embedding_module}) as cache:
+            self.adapter.image_features(self.model, inputs)
+        return self.adapter.visual_embeddings_to_tokens(cache["visual"], inputs["input_ids"].shape[0])
+
+
+def _accepts_encoder_outputs(model) -> bool:
+    import inspect
+
+    return "mm_encoder_outputs" in inspect.signature(model.model.forward).parameters
 
 
 def resolve_device(device: str) -> torch.device:
@@ -127,6 +154,7 @@ def load_model(cfg: DictConfig) -> VLM:
         with torch.device(device):
             model = adapter.model_class._from_config(config, dtype=dtype,
                                                      attn_implementation=mcfg.attn_implementation)
+        initialise_zero_weights(model, config)
     else:
         path = str(ensure_twin(mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path)
         tokenizer, image_processor, model = _from_pretrained(adapter, path, mcfg, device, dtype)

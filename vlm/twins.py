@@ -118,7 +118,7 @@ def ensure_twin(model_cfg: DictConfig, system_prompt: str) -> Path:
         return path
     torch.manual_seed(model_cfg.twin.seed)
     model = adapter.model_class(config).eval()
-    _initialise_zero_weights(model, config)
+    initialise_zero_weights(model, config)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -130,7 +130,7 @@ def ensure_twin(model_cfg: DictConfig, system_prompt: str) -> Path:
     return path
 
 
-def _initialise_zero_weights(model, config) -> None:
+def initialise_zero_weights(model, config) -> None:
     """Give random values to weights that a config-built model leaves at zero (Gemma 3's projector), so the
     twin's visual embeddings depend on the image."""
     std = getattr(config, "initializer_range", 0.02) or 0.02

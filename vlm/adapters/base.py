@@ -57,6 +57,17 @@ class FamilyAdapter:
         pixel values and whatever else this family's forward needs."""
         raise NotImplementedError
 
+    def image_features(self, model, inputs):
+        """Run the vision tower and projector on the inputs' pixels (the LM does not run)."""
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"])
+
+    def encoder_outputs(self, tokens: torch.Tensor):
+        """Precomputed visual embeddings (batch, tokens, hidden) in the form the model's forward takes as
+        `mm_encoder_outputs["image"]`."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=tokens)
+
     def visual_embeddings_to_tokens(self, output: torch.Tensor, batch_size: int) -> torch.Tensor:
         """The visual module's output as (batch, tokens, hidden), tokens in row-major grid order.
 

@@ -90,3 +90,13 @@ class Qwen2VLAdapter(FamilyAdapter):
             "image_grid_thw": vision["image_grid_thw"],
             "mm_token_type_ids": (enc["input_ids"] == image_id).to(torch.long),
         })
+
+    def image_features(self, model, inputs):
+        return model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                              image_grid_thw=inputs["image_grid_thw"])
+
+    def encoder_outputs(self, tokens):
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        # Qwen2-VL concatenates a tuple of per-image (tokens, hidden) tensors
+        return BaseModelOutputWithPooling(pooler_output=tuple(tokens))

@@ -1,0 +1,1 @@
+"""Token-aligned synthetic images: geometry on the visual grid, settings, rendering, experiment pairs."""
