@@ -135,6 +135,6 @@ def initialise_zero_weights(model, config) -> None:
     twin's visual embeddings depend on the image."""
     std = getattr(config, "initializer_range", 0.02) or 0.02
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() >= 2 and torch.count_nonzero(param) == 0:
                 param.normal_(0.0, std)

@@ -1,0 +1,122 @@
+"""The batched patching engine: one pair's counterfactual activations are captured once, each image's
+visual embeddings are computed once, and the patched runs of many sites go in one forward (row r of the
+batch is patched at site r). Only the last position's logits are computed.
+
+`naive_sweep` is the reference it must equal: one full forward per site, batch 1.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from patching.interventions import VISUAL, edit_residual, edit_visual_tokens, read_sites
+from vlm.hooks import Hook, hooks
+from vlm.models import VLM
+from vlm.scoring import AnswerScorer
+
+
+@dataclass
+class PatchPlan:
+    """Which clean positions take which counterfactual values.
+
+    `dst_tokens` / `src_tokens`: visual token indices (row-major) of the clean and counterfactual images,
+    paired in order; None means the last sequence position (last-token patching, layer sites only)."""
+
+    dst_tokens: list[int] | None = None
+    src_tokens: list[int] | None = None
+
+    def positions(self, vlm: VLM, clean_ids: torch.Tensor, cf_ids: torch.Tensor):
+        """(clean sequence positions, counterfactual sequence positions) to patch in the residual stream."""
+        if self.dst_tokens is None:
+            return torch.tensor([clean_ids.shape[1] - 1]), torch.tensor([cf_ids.shape[1] - 1])
+        dst = vlm.visual_token_positions(clean_ids)[0, self.dst_tokens]
+        src = vlm.visual_token_positions(cf_ids)[0, self.src_tokens]
+        return dst.cpu(), src.cpu()
+
+
+class PatchingEngine:
+    def __init__(self, vlm: VLM, scorer: AnswerScorer, batch_size: int = 32):
+        self.vlm, self.scorer, self.batch_size = vlm, scorer, batch_size
+
+    @torch.no_grad()
+    def run_pair(self, clean, counterfactual, plan: PatchPlan, sites: list) -> torch.Tensor:
+        """(sites, candidates) probabilities of the clean run patched from the counterfactual at each site."""
+        vlm = self.vlm
+        clean_in = vlm.encode([clean.image], [clean.prompt])
+        cf_in = vlm.encode([counterfactual.image], [counterfactual.prompt])
+        with read_sites(vlm, sorted({*sites, VISUAL}, key=str)) as cf_acts:
+            vlm.last_logits(cf_in)
+        clean_visual = vlm.visual_tokens(clean_in)
+        dst, src = plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
+        results, start = [], 0
+        while start < len(sites):
+            chunk = sites[start:start + self.batch_size]
+            try:
+                results.append(self._patched_chunk(clean_in, clean_visual, cf_acts, plan, dst, src, chunk))
+            except torch.cuda.OutOfMemoryError:
+                if self.batch_size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.batch_size = max(1, self.batch_size // 2)    # retry this chunk with half the rows
+                continue
+            start += len(chunk)
+        return torch.cat(results)
+
+    def _patched_chunk(self, clean_in, clean_visual, cf_acts, plan, dst, src, chunk) -> torch.Tensor:
+        rows = len(chunk)
+        batch = {k: (v.expand(rows, *v.shape[1:]) if k != "pixel_values" else v) for k, v in clean_in.items()}
+        if "image_grid_thw" in batch:
+            batch["image_grid_thw"] = clean_in["image_grid_thw"].repeat(rows, 1)
+        visual = clean_visual.expand(rows, -1, -1).clone()
+        layer_rows: dict[int, list[int]] = {}
+        for r, site in enumerate(chunk):
+            if site == VISUAL:
+                if plan.dst_tokens is None:
+                    raise ValueError("the last position is not a visual token: patch layers only")
+                visual[r, plan.dst_tokens] = cf_acts[VISUAL][0, plan.src_tokens]
+            else:
+                layer_rows.setdefault(int(site), []).append(r)
+        installed = [Hook(self.vlm.decoder_layers[layer], _row_patch(r_idx, dst, cf_acts[layer][0, src]))
+                     for layer, r_idx in layer_rows.items()]
+        with hooks(*installed):
+            logits = self.vlm.last_logits(batch, visual_tokens=visual)
+        return self.scorer.probabilities(logits).cpu()
+
+
+def _row_patch(rows: list[int], positions: torch.Tensor, values: torch.Tensor):
+    """Edit: residual[rows, positions] <- values (positions x hidden), other rows untouched."""
+    def edit(hidden):
+        hidden = hidden.clone()
+        index = torch.tensor(rows, device=hidden.device)
+        hidden[index[:, None], positions.to(hidden.device)[None, :]] = values.to(hidden.dtype)
+        return hidden
+
+    return edit
+
+
+@torch.no_grad()
+def naive_sweep(vlm: VLM, scorer: AnswerScorer, clean, counterfactual, plan: PatchPlan, sites) -> torch.Tensor:
+    """Reference: for each site, one full forward of the clean input (batch 1) patched at that site."""
+    clean_in = vlm.encode([clean.image], [clean.prompt])
+    cf_in = vlm.encode([counterfactual.image], [counterfactual.prompt])
+    dst, src = plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
+    out = []
+    for site in sites:
+        with read_sites(vlm, [site]) as cf_acts:
+            vlm.last_logits(cf_in)
+        source = cf_acts[site]
+        if site == VISUAL:
+            def edit(tokens, source=source):
+                tokens = tokens.clone()
+                tokens[:, plan.dst_tokens] = source[:, plan.src_tokens]
+                return tokens
+            context = edit_visual_tokens(vlm, edit)
+        else:
+            def edit(hidden, source=source):
+                hidden = hidden.clone()
+                hidden[:, dst.to(hidden.device)] = source[:, src.to(hidden.device)]
+                return hidden
+            context = edit_residual(vlm, int(site), edit)
+        with context:
+            out.append(scorer.probabilities(vlm.last_logits(clean_in)).cpu())
+    return torch.cat(out)
