@@ -2,7 +2,6 @@
 `model.model.multi_modal_projector` (4 x 4 average pooling to 16 x 16 tokens and a linear map into
 the LM); LM layers `model.model.language_model.layers`."""
 
-import torch
 from transformers import (
     BatchFeature,
     Gemma3Config,
