@@ -1,103 +1,139 @@
-"""Clean/counterfactual pairs and source images for the experiments of SPEC section 4, all from a seed."""
+"""Clean/counterfactual pairs and source images for the experiments of SPEC section 4, all from a seed.
+
+Each builder cycles through the (orientation, direction) combinations, so the pairs are balanced over
+orientations and queried directions, and draws its items with a numpy Generator seeded by `seed`.
+"""
 
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from data_gen.render import Item, Sample, compose, draw_scene, query_plan
-from data_gen.scenes import Grid, Layout, grid_boxes, line_boxes, pixel_box
+from data_gen.render import Item, Sample, compose, distinct_items, draw_scene, query_plan
+from data_gen.scenes import ORIENTATIONS, Grid, Layout, grid_boxes, line_boxes, pixel_box
 from data_gen.settings import OPPOSITE, TARGET_POSITION, Setting
 from vlm.cli import UsageError
 
 
 @dataclass
-class Pair:
-    """A clean sample, its counterfactual, and the answers each outcome of patching would give.
-
-    targets: {"clean": answer of the clean run, ...}; last-token pairs add "ordering" (the clean image's item
-    at the counterfactual's target position) and "value" (the counterfactual's own answer); mirror pairs
-    add "swapped" (the clean image's item on the other side)."""
+class LastTokenPair:
+    """Clean (a, m, b) queried towards a and counterfactual (c, m', e) of six distinct items, same
+    orientation, queried the opposite way. After patching the last position from the counterfactual run the
+    model says `clean_answer` (a: nothing moved), `ordering_answer` (b: the clean image's item at the
+    counterfactual's target position, so the ordering moved) or `value_answer` (e: the answer itself moved).
+    """
 
     clean: Sample
     counterfactual: Sample
-    targets: dict
+    clean_answer: str
+    ordering_answer: str
+    value_answer: str
+
+    @property
+    def targets(self) -> dict[str, str]:
+        return {"clean": self.clean_answer, "ordering": self.ordering_answer, "value": self.value_answer}
 
 
-def _need(setting: Setting, count: int, what: str) -> list[str]:
-    names = [i.name for i in setting.items]
-    if len(names) < count:
-        raise UsageError(f"{what} needs {count} distinct items, setting {setting.name!r} has {len(names)}")
-    return names
+@dataclass
+class MirrorPair:
+    """Clean (a, m, b) and its mirror (b, m, a), same query: the clean answer is `clean_answer` (a), the
+    mirror's is `swapped_answer` (b). Side items keep their token boxes, so patching swaps them in place."""
+
+    clean: Sample
+    counterfactual: Sample
+    clean_answer: str
+    swapped_answer: str
+
+    @property
+    def targets(self) -> dict[str, str]:
+        return {"clean": self.clean_answer, "swapped": self.swapped_answer}
 
 
-def last_token_pairs(setting: Setting, grid: Grid, layout: Layout, n: int, seed: int) -> list[Pair]:
-    """Clean (a, m, b) queried towards a; counterfactual (c, m', e) of other items, same orientation, queried
-    the opposite way (answer e). Patching the last position transfers ordering if the answer becomes b and
-    value if it becomes e."""
-    names = _need(setting, 6, "last-token patching")
+@dataclass
+class AblationSources:
+    """What the ablation copies from, for one sample: `isolated[i]` is the sample's item i alone at the
+    middle position (same orientation), `empty` the image with no item."""
+
+    isolated: list[Sample]
+    empty: Image.Image
+
+
+def last_token_pairs(setting: Setting, grid: Grid, layout: Layout, n: int, seed: int,
+                     orientations=ORIENTATIONS) -> list[LastTokenPair]:
+    """`n` last-token pairs (SPEC 4 `last_token`); UsageError when the setting has fewer than 6 items."""
     rng = np.random.default_rng(seed)
     pairs = []
-    for k, (orientation, direction) in enumerate(query_plan(n)):
-        pick = [names[j] for j in rng.choice(len(names), size=6, replace=False)]
-        clean = draw_scene(setting, grid, layout, orientation, pick[:3], direction, id=f"{setting.name}_lt{k:04d}_clean")
-        other = OPPOSITE[direction]
-        cf = draw_scene(setting, grid, layout, orientation, pick[3:], other, id=f"{setting.name}_lt{k:04d}_cf")
-        targets = {"clean": clean.answer, "ordering": clean.items[TARGET_POSITION[other]].answer, "value": cf.answer}
-        pairs.append(Pair(clean, cf, targets))
+    for k, (orientation, direction) in enumerate(query_plan(n, orientations)):
+        names = distinct_items(setting, rng, 6, "a last-token pair")
+        clean = draw_scene(setting, grid, layout, orientation, names[:3], direction,
+                           id=f"{setting.name}_lasttoken{k:04d}_clean")
+        opposite = OPPOSITE[direction]
+        counterfactual = draw_scene(setting, grid, layout, orientation, names[3:], opposite,
+                                    id=f"{setting.name}_lasttoken{k:04d}_counterfactual")
+        ordering = clean.items[TARGET_POSITION[opposite]].answer
+        pairs.append(LastTokenPair(clean, counterfactual, clean.answer, ordering, counterfactual.answer))
     return pairs
 
 
-def mirror_pairs(setting: Setting, grid: Grid, layout: Layout, n: int, seed: int) -> list[Pair]:
-    """Clean (a, m, b) and its mirror (b, m, a), same query. Swapping the side items' tokens (or strips) from
-    the mirror into the clean run moves the answer from a ("clean") to b ("swapped") if they carry ordering."""
-    names = _need(setting, 3, "mirror pairs")
+def mirror_pairs(setting: Setting, grid: Grid, layout: Layout, n: int, seed: int,
+                 orientations=ORIENTATIONS) -> list[MirrorPair]:
+    """`n` mirror pairs (SPEC 4 `object_patching`, `strip_patching`, `ablated_patching`)."""
     rng = np.random.default_rng(seed)
     pairs = []
-    for k, (orientation, direction) in enumerate(query_plan(n)):
-        a, m, b = [names[j] for j in rng.choice(len(names), size=3, replace=False)]
-        clean = draw_scene(setting, grid, layout, orientation, [a, m, b], direction, id=f"{setting.name}_mr{k:04d}_clean")
-        cf = draw_scene(setting, grid, layout, orientation, [b, m, a], direction, id=f"{setting.name}_mr{k:04d}_cf")
-        swapped = clean.items[2 - TARGET_POSITION[direction]].answer
-        pairs.append(Pair(clean, cf, {"clean": clean.answer, "swapped": swapped}))
+    for k, (orientation, direction) in enumerate(query_plan(n, orientations)):
+        first, middle, last = distinct_items(setting, rng, 3, "a mirror pair")
+        clean = draw_scene(setting, grid, layout, orientation, [first, middle, last], direction,
+                           id=f"{setting.name}_mirror{k:04d}_clean")
+        mirror = draw_scene(setting, grid, layout, orientation, [last, middle, first], direction,
+                            id=f"{setting.name}_mirror{k:04d}_mirror")
+        pairs.append(MirrorPair(clean, mirror, clean.answer, mirror.answer))
     return pairs
 
 
 def isolated_middle_image(setting: Setting, grid: Grid, layout: Layout, orientation: str, name: str) -> Sample:
-    """The item alone at the middle position of a `orientation` layout (no question)."""
+    """Item `name` alone at the middle position (1) of an `orientation` layout; not queried, no strips."""
     spec = setting.item(name)
     box = line_boxes(grid, layout, orientation)[1]
     item = Item(spec.name, spec.answer, 1, pixel_box(grid, box), box)
-    return Sample(f"{setting.name}_alone_{name.replace(' ', '_')}_{orientation}", setting.name, orientation,
+    return Sample(f"{setting.name}_alone_{orientation}_{name.replace(' ', '-')}", setting.name, orientation,
                   [item], [], None, None, None, compose(grid, [(spec, box)], setting.background))
 
 
 def empty_image(grid: Grid, background=(255, 255, 255)) -> Image.Image:
+    """The grid-sized RGB image with no item."""
     return Image.new("RGB", (grid.width, grid.height), tuple(background))
 
 
-def ablation_sources(setting: Setting, grid: Grid, layout: Layout, sample: Sample) -> tuple[list[Sample], Image.Image]:
-    """For the ablation of ordering: each of the sample's items alone in the middle, and the empty image."""
-    alone = [isolated_middle_image(setting, grid, layout, sample.orientation, item.name) for item in sample.items]
-    return alone, empty_image(grid, setting.background)
+def ablation_sources(sample: Sample, setting: Setting, grid: Grid, layout: Layout) -> AblationSources:
+    """For the ablation of ordering (SPEC 4 `ablation`): each of `sample`'s items alone in the middle, in
+    item order, and the empty image."""
+    if sample.orientation not in ORIENTATIONS:
+        raise UsageError(f"ablation sources need a horizontal or vertical sample, got {sample.orientation!r}")
+    isolated = [isolated_middle_image(setting, grid, layout, sample.orientation, item.name) for item in sample.items]
+    return AblationSources(isolated, empty_image(grid, setting.background))
 
 
-def shape_grid(setting: Setting, grid: Grid, layout: Layout, n: int, names, id: str = "grid") -> Sample:
-    """An n x n grid of items (paper B.4), `names` in row-major order; positions are [row, col]."""
+def shape_grid(setting: Setting, grid: Grid, layout: Layout, n: int, names, id: str | None = None) -> Sample:
+    """An n x n grid of items (paper B.4), `names` in row-major order; orientation "grid", positions
+    [row, col], no strips, not queried. LayoutError when it does not fit."""
+    names = list(names)
     if len(names) != n * n:
         raise UsageError(f"a {n} x {n} grid needs {n * n} items, got {len(names)}")
     boxes = [box for row in grid_boxes(grid, layout, n) for box in row]
     specs = [setting.item(name) for name in names]
-    items = [Item(s.name, s.answer, [k // n, k % n], pixel_box(grid, b), b)
-             for k, (s, b) in enumerate(zip(specs, boxes, strict=True))]
-    return Sample(id, setting.name, "grid", items, [], None, None, None,
+    items = [Item(spec.name, spec.answer, [k // n, k % n], pixel_box(grid, box), box)
+             for k, (spec, box) in enumerate(zip(specs, boxes, strict=True))]
+    grid_id = id or f"{setting.name}_grid{n}_" + "_".join(names).replace(" ", "-")
+    return Sample(grid_id, setting.name, "grid", items, [], None, None, None,
                   compose(grid, list(zip(specs, boxes, strict=True)), setting.background))
 
 
-def random_shape_grids(setting: Setting, grid: Grid, layout: Layout, n: int, n_images: int, seed: int) -> list[Sample]:
-    """`n_images` n x n grids; items drawn with replacement when the grid has more cells than the setting has items."""
+def random_shape_grids(setting: Setting, grid: Grid, layout: Layout, n: int, n_images: int,
+                       seed: int) -> list[Sample]:
+    """`n_images` random n x n grids from `seed`. Items are distinct when the setting has enough of them
+    (2 x 2), otherwise drawn with replacement (3 x 3 from six shapes)."""
     rng = np.random.default_rng(seed)
-    names = [i.name for i in setting.items]
+    names = setting.item_names
     cells = n * n
     return [shape_grid(setting, grid, layout, n,
                        [names[j] for j in rng.choice(len(names), size=cells, replace=cells > len(names))],
