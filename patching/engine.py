@@ -34,23 +34,41 @@ class PatchPlan:
         return dst.cpu(), src.cpu()
 
 
+@dataclass
+class PairRun:
+    """One pair's sweep: (sites, candidates) probabilities of the patched clean runs, and (candidates,) of the
+    unpatched clean and counterfactual runs."""
+
+    patched: torch.Tensor
+    clean: torch.Tensor
+    counterfactual: torch.Tensor
+
+
 class PatchingEngine:
     def __init__(self, vlm: VLM, scorer: AnswerScorer, batch_size: int = 32):
         self.vlm, self.scorer, self.batch_size = vlm, scorer, batch_size
 
     @torch.no_grad()
-    def run_pair(self, clean, counterfactual, plan: PatchPlan, sites: list) -> torch.Tensor:
-        """(sites, candidates) probabilities of the clean run patched from the counterfactual at each site."""
+    def run_pair(self, clean, counterfactual, plan: PatchPlan, sites: list,
+                 clean_visual: torch.Tensor | None = None, cf_visual: torch.Tensor | None = None) -> PairRun:
+        """Patch the clean run from the counterfactual run at each site (one batch row per site).
+
+        `clean_visual` / `cf_visual` (1, tokens, hidden), when given, replace the images' own visual embeddings
+        in both runs (the ablation's inputs); otherwise each image's are computed once here."""
         vlm = self.vlm
         clean_in = vlm.encode([clean.image], [clean.prompt])
         cf_in = vlm.encode([counterfactual.image], [counterfactual.prompt])
-        with read_sites(vlm, sorted({*sites, VISUAL}, key=str)) as cf_acts:
-            vlm.last_logits(cf_in)
-        clean_visual = vlm.visual_tokens(clean_in)
+        clean_visual = vlm.visual_tokens(clean_in) if clean_visual is None else clean_visual.to(vlm.device)
+        cf_visual = vlm.visual_tokens(cf_in) if cf_visual is None else cf_visual.to(vlm.device)
+        layers = [site for site in sites if site != VISUAL]
+        with read_sites(vlm, layers) as cf_acts:
+            cf_probs = self.scorer.probabilities(vlm.last_logits(cf_in, visual_tokens=cf_visual)).cpu()
+        cf_acts[VISUAL] = cf_visual
         dst, src = plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
         results, start = [], 0
-        while start < len(sites):
-            chunk = sites[start:start + self.batch_size]
+        pending = [None, *sites]      # row 0 of the first forward is the unpatched clean run
+        while start < len(pending):
+            chunk = pending[start:start + self.batch_size]
             try:
                 results.append(self._patched_chunk(clean_in, clean_visual, cf_acts, plan, dst, src, chunk))
             except torch.cuda.OutOfMemoryError:
@@ -60,9 +78,11 @@ class PatchingEngine:
                 self.batch_size = max(1, self.batch_size // 2)    # retry this chunk with half the rows
                 continue
             start += len(chunk)
-        return torch.cat(results)
+        probs = torch.cat(results)
+        return PairRun(patched=probs[1:], clean=probs[0], counterfactual=cf_probs[0])
 
     def _patched_chunk(self, clean_in, clean_visual, cf_acts, plan, dst, src, chunk) -> torch.Tensor:
+        """(len(chunk), candidates): row r patched at site chunk[r] (None: not patched)."""
         rows = len(chunk)
         batch = {k: (v.expand(rows, *v.shape[1:]) if k != "pixel_values" else v) for k, v in clean_in.items()}
         if "image_grid_thw" in batch:
@@ -70,10 +90,12 @@ class PatchingEngine:
         visual = clean_visual.expand(rows, -1, -1).clone()
         layer_rows: dict[int, list[int]] = {}
         for r, site in enumerate(chunk):
+            if site is None:
+                continue
             if site == VISUAL:
                 if plan.dst_tokens is None:
                     raise ValueError("the last position is not a visual token: patch layers only")
-                visual[r, plan.dst_tokens] = cf_acts[VISUAL][0, plan.src_tokens]
+                visual[r, plan.dst_tokens] = cf_acts[VISUAL][0, plan.src_tokens].to(visual.dtype)
             else:
                 layer_rows.setdefault(int(site), []).append(r)
         installed = [Hook(self.vlm.decoder_layers[layer], _row_patch(r_idx, dst, cf_acts[layer][0, src]))
@@ -96,14 +118,15 @@ def _row_patch(rows: list[int], positions: torch.Tensor, values: torch.Tensor):
 
 @torch.no_grad()
 def naive_sweep(vlm: VLM, scorer: AnswerScorer, clean, counterfactual, plan: PatchPlan, sites) -> torch.Tensor:
-    """Reference: for each site, one full forward of the clean input (batch 1) patched at that site."""
+    """Reference: the counterfactual run once with every site recorded, then for each site one full forward
+    of the clean input (batch 1, vision tower included) patched at that site. (sites, candidates)."""
     clean_in = vlm.encode([clean.image], [clean.prompt])
     cf_in = vlm.encode([counterfactual.image], [counterfactual.prompt])
     dst, src = plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
+    with read_sites(vlm, list(sites)) as cf_acts:
+        vlm.last_logits(cf_in)
     out = []
     for site in sites:
-        with read_sites(vlm, [site]) as cf_acts:
-            vlm.last_logits(cf_in)
         source = cf_acts[site]
         if site == VISUAL:
             def edit(tokens, source=source):

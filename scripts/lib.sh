@@ -23,3 +23,16 @@ parse_args() {
 
 # figure_out NAME: the directory a figure's plot writes into
 figure_out() { echo "${FIGURES_DIR:-figures/$1/out}"; }
+
+# run_grid MODULE [ARG...]: `python -m MODULE model=M setting=S ARG... EXTRA...` for every model and setting
+run_grid() {
+  local module=$1; shift
+  for model in "${MODELS[@]}"; do
+    for setting in "${SETTINGS[@]}"; do
+      "$PY" -m "$module" model="$model" setting="$setting" "$@" "${EXTRA[@]}"
+    done
+  done
+}
+
+# plot_figure NAME: redraw figures/NAME from the results into the figure's output directory
+plot_figure() { "$PY" "figures/$1/plot.py" --results "$RESULTS_DIR" --out "$(figure_out "$1")"; }

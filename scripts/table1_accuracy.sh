@@ -8,9 +8,5 @@ source scripts/lib.sh
 DEFAULT_MODELS="qwen2vl_7b gemma3_4b"
 DEFAULT_SETTINGS="squares shapes objects"
 parse_args "$@"
-for model in "${MODELS[@]}"; do
-  for setting in "${SETTINGS[@]}"; do
-    "$PY" -m vlm.accuracy model="$model" setting="$setting" "${EXTRA[@]}"
-  done
-done
-"$PY" figures/table1_accuracy/plot.py --results "$RESULTS_DIR" --out "$(figure_out table1_accuracy)"
+run_grid vlm.accuracy
+plot_figure table1_accuracy

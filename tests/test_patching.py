@@ -30,12 +30,12 @@ def test_engine_equals_naive_loop(twin):
     engine = PatchingEngine(twin, scorer, batch_size=3)         # chunks of 3: exercises the chunking too
     pair = mirror_pairs(setting, twin.grid, twin.layout, 1, 0)[0]
     plan = object_plan(twin.grid, pair)
-    torch.testing.assert_close(engine.run_pair(pair.clean, pair.counterfactual, plan, sites),
+    torch.testing.assert_close(engine.run_pair(pair.clean, pair.counterfactual, plan, sites).patched,
                                naive_sweep(twin, scorer, pair.clean, pair.counterfactual, plan, sites),
                                rtol=1e-4, atol=1e-5)
     lt = last_token_pairs(setting, twin.grid, twin.layout, 1, 3)[0]
     layers = sites[1:]
-    torch.testing.assert_close(engine.run_pair(lt.clean, lt.counterfactual, PatchPlan(), layers),
+    torch.testing.assert_close(engine.run_pair(lt.clean, lt.counterfactual, PatchPlan(), layers).patched,
                                naive_sweep(twin, scorer, lt.clean, lt.counterfactual, PatchPlan(), layers),
                                rtol=1e-4, atol=1e-5)
 
@@ -48,8 +48,10 @@ def test_patching_a_run_with_itself_changes_nothing(twin):
     reference = scorer.probabilities(twin.last_logits(clean_in))
     everything = list(range(twin.n_visual_tokens))
     engine = PatchingEngine(twin, scorer)
-    probs = engine.run_pair(pair.clean, pair.clean, PatchPlan(everything, everything), site_names(twin))
-    torch.testing.assert_close(probs, reference.expand_as(probs), rtol=1e-5, atol=1e-6)
+    run = engine.run_pair(pair.clean, pair.clean, PatchPlan(everything, everything), site_names(twin))
+    torch.testing.assert_close(run.patched, reference.expand_as(run.patched), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run.clean, reference[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run.counterfactual, reference[0], rtol=1e-5, atol=1e-6)
 
 
 def test_patching_every_position_of_layer0_gives_the_counterfactual(twin):

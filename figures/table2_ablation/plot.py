@@ -1,0 +1,77 @@
+"""Redraw paper Table 2 (accuracy after ablating ordering from the visual embeddings, per model and
+setting, next to the accuracy on the same images unablated) and Table 5 (per queried direction), from
+results/ablation/<model>/<setting>/metrics.json. Writes table2.md, table5.md and table2_ablation.png."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from patching.plots import load_sweeps  # noqa: E402
+
+DIRECTIONS = ["left", "right", "above", "below"]
+
+
+def fmt(value) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def tables(units) -> tuple[str, str]:
+    t2 = ["| model | setting | original | ablated | chance |", "|---|---|---|---|---|"]
+    t5 = ["| model | setting | " + " | ".join(DIRECTIONS) + " |", "|---|---|" + "---|" * len(DIRECTIONS)]
+    for model, setting, metrics, _ in units:
+        original, ablated = metrics["original"], metrics["ablated"]
+        t2.append(f"| {model} | {setting} | {fmt(original['accuracy'])} | {fmt(ablated['accuracy'])} | "
+                  f"{fmt(ablated['chance'])} |")
+        t5.append(f"| {model} | {setting} | " +
+                  " | ".join(fmt(ablated["by_direction"].get(d)) for d in DIRECTIONS) + " |")
+    return "\n".join(t2) + "\n", "\n".join(t5) + "\n"
+
+
+def draw(units, out: Path) -> Path:
+    labels = [f"{m}\n{s}" for m, s, _, _ in units]
+    original = [u[2]["original"]["accuracy"] for u in units]
+    ablated = [u[2]["ablated"]["accuracy"] for u in units]
+    chance = [u[2]["ablated"]["chance"] for u in units]
+    x = np.arange(len(units))
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(units), 3.2))
+    ax.bar(x - 0.2, original, 0.4, label="original embeddings")
+    ax.bar(x + 0.2, ablated, 0.4, label="ordering ablated")
+    ax.scatter(x, chance, marker="_", s=400, color="k", label="chance", zorder=3)
+    ax.set_xticks(x, labels, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("accuracy")
+    ax.set_title("Table 2: accuracy after ablating ordering from the visual embeddings", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "table2_ablation.png"
+    fig.savefig(path, dpi=140)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    args = parser.parse_args(argv)
+    units = load_sweeps(args.results, "ablation")
+    if not units:
+        print(f"error: no ablation results under {args.results / 'ablation'}; run scripts/table2_ablation.sh first",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    t2, t5 = tables(units)
+    (args.out / "table2.md").write_text(t2)
+    (args.out / "table5.md").write_text(t5)
+    print(t2 + "\n" + t5 + f"\nwritten: {draw(units, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The paper's patching experiments (SPEC 4), each a function of (vlm, setting, cfg) returning the metrics and
+the per-pair arrays that `patching.run` saves.
+
+- last_token: the last position's residual stream after each LM layer <- the counterfactual's (Fig 2);
+- mirror patching (object_patching, strip_patching, ablated_patching): the side items' tokens (or strips)
+  <- the mirror image's tokens at the other side, at the visual embeddings and after each LM layer
+  (Fig 6, 7, 8); with `ablate`, both runs use ablated visual embeddings;
+- ablation: accuracy when ordering is removed from the visual embeddings (Table 2).
+"""
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from data_gen.pairs import last_token_pairs, mirror_pairs
+from data_gen.render import random_samples
+from data_gen.scenes import Grid, Layout, token_indices
+from data_gen.settings import Setting
+from patching.ablation import Ablator
+from patching.engine import PatchingEngine, PatchPlan
+from patching.interventions import VISUAL
+from vlm.accuracy import accuracy_metrics
+from vlm.cli import UsageError, check_choice
+from vlm.models import VLM
+from vlm.scoring import AnswerScorer
+
+REGIONS = ("items", "strips")
+
+
+def sweep_sites(vlm: VLM, cfg: DictConfig) -> list:
+    """The experiment's sites: "visual" (when `patch_visual`) then the configured LM layers."""
+    layers = vlm.check_layers(cfg.layers)
+    return ([VISUAL] if cfg.patch_visual else []) + layers
+
+
+def mirror_plan(grid: Grid, pair, region: str) -> PatchPlan:
+    """Clean left <- mirror's right and clean right <- mirror's left, over the side items' own tokens or their
+    strips (both sides keep their boxes in the mirror, so the two regions have the same shape)."""
+    check_choice("patching region", region, REGIONS)
+    boxes = [item.token_box for item in pair.clean.items] if region == "items" else pair.clean.strips
+    first, last = token_indices(grid, boxes[0]), token_indices(grid, boxes[2])
+    return PatchPlan(first + last, last + first)
+
+
+def summarize(sites: list, per_pair: dict[str, np.ndarray], clean: dict, counterfactual: dict) -> dict:
+    """Per outcome: mean and standard deviation across pairs at each site, and the unpatched runs' means."""
+    return {
+        "sites": [str(s) for s in sites],
+        "n_pairs": int(next(iter(per_pair.values())).shape[0]),
+        "outcomes": {
+            name: {"mean": values.mean(0).tolist(), "std": values.std(0).tolist(),
+                   "unpatched_clean": float(clean[name].mean()),
+                   "unpatched_counterfactual": float(counterfactual[name].mean())}
+            for name, values in per_pair.items()
+        },
+    }
+
+
+def sweep(vlm: VLM, scorer: AnswerScorer, pairs, plans, sites, cfg, visuals=None, desc="patching"):
+    """Run the engine over `pairs`; returns (metrics, arrays) with one probability per pair, site and outcome.
+
+    `plans[i]` is pair i's PatchPlan; `visuals[i]` optional (clean, counterfactual) visual embeddings."""
+    engine = PatchingEngine(vlm, scorer, cfg.batch_size)
+    outcomes = list(pairs[0].targets)
+    patched = {o: np.zeros((len(pairs), len(sites)), np.float32) for o in outcomes}
+    clean = {o: np.zeros(len(pairs), np.float32) for o in outcomes}
+    counterfactual = {o: np.zeros(len(pairs), np.float32) for o in outcomes}
+    for i, pair in enumerate(tqdm(pairs, desc=desc, unit="pair")):
+        clean_visual, cf_visual = visuals[i] if visuals else (None, None)
+        run = engine.run_pair(pair.clean, pair.counterfactual, plans[i], sites, clean_visual, cf_visual)
+        for outcome, answer in pair.targets.items():
+            k = scorer.index(answer)
+            patched[outcome][i] = run.patched[:, k].numpy()
+            clean[outcome][i], counterfactual[outcome][i] = run.clean[k].item(), run.counterfactual[k].item()
+    arrays = {f"p_{o}": patched[o] for o in outcomes}
+    arrays |= {f"p_{o}_unpatched_clean": clean[o] for o in outcomes}
+    arrays |= {f"p_{o}_unpatched_counterfactual": counterfactual[o] for o in outcomes}
+    arrays |= {
+        "sites": np.array([str(s) for s in sites]),
+        "orientation": np.array([p.clean.orientation for p in pairs]),
+        "direction": np.array([p.clean.direction for p in pairs]),
+        "pair_id": np.array([p.clean.id for p in pairs]),
+    }
+    return summarize(sites, patched, clean, counterfactual), arrays
+
+
+def last_token(vlm: VLM, setting: Setting, cfg: DictConfig):
+    if cfg.patch_visual:
+        raise UsageError("last_token patches the last position, which is not a visual token: set patch_visual=false")
+    scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
+    pairs = last_token_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
+    sites = sweep_sites(vlm, cfg)
+    return sweep(vlm, scorer, pairs, [PatchPlan()] * len(pairs), sites, cfg, desc=f"last_token {setting.name}")
+
+
+def mirror_patching(vlm: VLM, setting: Setting, cfg: DictConfig):
+    scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
+    pairs = mirror_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
+    plans = [mirror_plan(vlm.grid, pair, cfg.region) for pair in pairs]
+    visuals = None
+    if cfg.ablate:
+        ablator = Ablator(vlm, setting, vlm.grid, vlm.layout, cfg.batch_size)
+        ablator.prepare([s for p in pairs for s in (p.clean, p.counterfactual)])
+        visuals = [(ablator.ablated(p.clean)[None], ablator.ablated(p.counterfactual)[None]) for p in pairs]
+    metrics, arrays = sweep(vlm, scorer, pairs, plans, sweep_sites(vlm, cfg), cfg, visuals,
+                            desc=f"{cfg.experiment.name} {setting.name}")
+    metrics["region"], metrics["ablated"] = cfg.region, bool(cfg.ablate)
+    return metrics, arrays
+
+
+@torch.no_grad()
+def ablation(vlm: VLM, setting: Setting, cfg: DictConfig):
+    """Accuracy on the same images with their own and with ablated visual embeddings."""
+    scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
+    samples = random_samples(setting, vlm.grid, vlm.layout, cfg.n, cfg.seed, tuple(cfg.orientations))
+    ablator = Ablator(vlm, setting, vlm.grid, vlm.layout, cfg.batch_size)
+    ablator.prepare(samples)
+    probs = {"original": [], "ablated": []}
+    greedy = {"original": [], "ablated": []}
+    for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"ablation {setting.name}", unit="batch"):
+        batch = samples[start:start + cfg.batch_size]
+        inputs = vlm.encode([s.image for s in batch], [s.prompt for s in batch])
+        for name, visual in (("original", None), ("ablated", ablator.ablated_batch(batch))):
+            logits = vlm.last_logits(inputs, visual_tokens=visual)
+            probs[name].append(scorer.probabilities(logits).cpu())
+            greedy[name] += scorer.greedy_candidate(logits)
+    probs = {k: torch.cat(v).numpy() for k, v in probs.items()}
+    metrics = {name: accuracy_metrics(samples, probs[name], scorer.candidates, greedy[name]) for name in probs}
+    arrays = {f"probs_{k}": v.astype(np.float32) for k, v in probs.items()}
+    arrays |= {"candidates": np.array(scorer.candidates), "answer": np.array([s.answer for s in samples]),
+               "direction": np.array([s.direction for s in samples]),
+               "orientation": np.array([s.orientation for s in samples]),
+               "sample_id": np.array([s.id for s in samples])}
+    return metrics, arrays
+
+
+EXPERIMENTS = {
+    "last_token": last_token,
+    "object_patching": mirror_patching,
+    "strip_patching": mirror_patching,
+    "ablated_patching": mirror_patching,
+    "ablation": ablation,
+}
