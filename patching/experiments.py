@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.render import random_samples
-from data_gen.scenes import Grid, Layout, token_indices
+from data_gen.scenes import Grid, token_indices
 from data_gen.settings import Setting
 from patching.ablation import Ablator
 from patching.engine import PatchingEngine, PatchPlan

@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 from data_gen.settings import Setting
 from patching.experiments import EXPERIMENTS
-from vlm.cli import entrypoint, check_choice
+from vlm.cli import check_choice, entrypoint
 from vlm.models import load_model
 from vlm.results import is_done, save_unit, unit_dir
 
