@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
-# The demo: every experiment that exists, on both tiny offline twins, on CPU. Results under demo/results,
-# figures under demo/figures. Extra arguments go to every figure script.
+# The demo: every experiment that exists, on both tiny offline twins, on CPU, with small sizes. Results under
+# demo/results, figures under demo/figures. Extra arguments go to every figure script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(model=tiny_qwen2vl,tiny_gemma3 results_dir=demo/results device=cpu "$@")
-bash scripts/table1_accuracy.sh "${common[@]}" n=32 figures_dir=demo/figures/table1_accuracy
+figure() { local name=$1; shift; bash "scripts/$name.sh" "${common[@]}" figures_dir="demo/figures/$name" "$@"; }
+figure table1_accuracy n=32
+figure fig02_last_token n_pairs=4
+figure fig06_object_patching n_pairs=4
+figure fig07_strip_patching n_pairs=4
+figure table2_ablation n=16
+figure fig08_ablated_patching n_pairs=4
+PY=${PYTHON:-python}
+"$PY" -m patching.benchmark model=tiny_qwen2vl n_pairs=4 device=cpu results_dir=demo/results
 echo "demo finished: results in demo/results, figures in demo/figures"
