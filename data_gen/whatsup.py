@@ -1,0 +1,313 @@
+"""What'sUp composites (SPEC 6, paper section 3.1): two What'sUp Controlled photographs that share their
+reference object, one object left of it and a different one right of it, merged into one image of three
+objects in a row at the model's native resolution.
+
+Layout read under `data.whatsup_dir` (as published with github.com/amitakamath/whatsup_vlms, see its
+`dataset_zoo/aro_datasets.py`, and in the Hugging Face dataset AdaptVis/all_datasets):
+
+    controlled_images_dataset.json   [{"image_path": "data/controlled_images/beer-bottle_left_of_armchair.jpeg",
+                                       "caption_options": ["A beer bottle to the left of a armchair", ...]}, ...]
+    controlled_images/<object>_<relation>_<reference>.jpeg
+
+The first caption is the true one. Relations: left_of, right_of, on, under (subset `controlled_clevr`,
+What'sUp Controlled-B: left_of, right_of, in-front_of, behind); hyphens stand for spaces in names. Only the
+left_of and right_of photos are used, found by file name in `<subset>/`.
+
+Construction: both photos are resized to grid.width x grid.height (stretched, so no object beside the
+reference is cropped away) and cut into three full-height parts at `cuts`, snapped to whole visual tokens.
+The composite is the left photo's left and middle parts (its object, then the shared reference) with the
+right photo's right part (its object). Items: 0 = left object, 1 = reference, 2 = right object.
+
+Boxes: by default an item's box is its whole part, which lies on whole tokens. With `data.whatsup_boxes`,
+a JSON file with one entry per left/right photo, in the photo's own pixels (exclusive ends),
+
+    {"beer-bottle_left_of_armchair.jpeg": {"object": [x0, y0, x1, y1], "reference": [x0, y0, x1, y1]}, ...}
+
+gives tight boxes, scaled to the composite and clipped to the item's part; a photo whose box keeps less than
+half its area inside its part is left out (with a warning). An item's token box covers every token its pixel
+box overlaps. An item's strip is its part.
+
+Count: Controlled-A photographs 103 object-reference combinations (31 with the armchair, 45 with the chair,
+27 with the table), each with the object left, right, on and under. Ordered pairs (a left of r, b right of
+r, a != b) give 31*30 + 45*44 + 27*26 = 3612 composites. The paper reports 1074 without saying how it chose
+them, so `n_composites` (default 1074) draws that many uniformly from all pairs with the run's seed.
+"""
+
+import json
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+
+from data_gen.render import Item, Sample
+from data_gen.scenes import Grid, PixelBox, TokenBox
+from data_gen.settings import TARGET_POSITION, Setting
+from vlm.cli import UsageError, check_choice
+
+SUBSETS = {"controlled_images": "controlled_images_dataset.json", "controlled_clevr": "controlled_clevr_dataset.json"}
+SIDE_OF_RELATION = {"left_of": "left", "right_of": "right"}
+CAPTION_WORDS = {"left": "left of", "right": "right of"}
+DIRECTIONS = ("left", "right")
+MIN_KEPT_AREA = 0.5     # a tight box must keep this much of its area inside its part
+
+
+def _get_data(subset: str) -> str:
+    return (f"download What'sUp (the Google Drive folder linked from github.com/amitakamath/whatsup_vlms, or the "
+            f"Hugging Face dataset AdaptVis/all_datasets) and set data.whatsup_dir to the directory holding "
+            f"{SUBSETS[subset]} and {subset}/")
+
+
+@dataclass(frozen=True)
+class Photo:
+    """One What'sUp photograph: `object` placed `side` (left or right) of `reference`; names with spaces."""
+
+    path: Path
+    object: str
+    side: str
+    reference: str
+
+
+@dataclass
+class Composite:
+    """Two photos merged into one (module docstring). `items`: left object, reference, right object, with
+    pixel and token boxes on `grid`; `strips`: their parts; `columns`: the part boundaries in token columns
+    (0, c1, c2, cols). The image is drawn on demand by `image()`: 1074 Gemma-size images would take 2.6 GB."""
+
+    id: str
+    left: Photo
+    right: Photo
+    grid: Grid
+    columns: tuple[int, int, int, int]
+    items: list[Item]
+    strips: list[TokenBox]
+
+    def image(self) -> Image.Image:
+        """grid.width x grid.height RGB: the left photo with its right part replaced by the right photo's."""
+        image, right = (_fitted(photo.path, self.grid) for photo in (self.left, self.right))
+        x = self.columns[2] * self.grid.pixels_per_token
+        image.paste(right.crop((x, 0, self.grid.width, self.grid.height)), (x, 0))
+        return image
+
+
+def _fitted(path: Path, grid: Grid) -> Image.Image:
+    with Image.open(path) as photo:
+        return photo.convert("RGB").resize((grid.width, grid.height), Image.Resampling.BICUBIC)
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def whatsup_root(path, subset: str = "controlled_images") -> Path:
+    """`data.whatsup_dir` as a directory; UsageError naming the path and how to get the data otherwise."""
+    check_choice("What'sUp subset", subset, SUBSETS)
+    if path in (None, ""):
+        raise UsageError(f"data.whatsup_dir is not set: {_get_data(subset)}")
+    root = Path(str(path)).expanduser()
+    if not root.is_dir():
+        raise UsageError(f"data.whatsup_dir={root} does not exist: {_get_data(subset)}")
+    return root
+
+
+def read_photos(root: Path, subset: str = "controlled_images") -> list[Photo]:
+    """The left_of and right_of photos of a What'sUp subset under `root`, in annotation order. UsageError when
+    the annotation file or a photo is missing, or a file name contradicts its true caption."""
+    check_choice("What'sUp subset", subset, SUBSETS)
+    annotation = Path(root) / SUBSETS[subset]
+    if not annotation.is_file():
+        raise UsageError(f"{annotation} does not exist: {_get_data(subset)}")
+    photos = []
+    for k, entry in enumerate(json.loads(annotation.read_text())):
+        try:
+            name, caption = Path(entry["image_path"]).name, str(entry["caption_options"][0])
+        except (KeyError, IndexError, TypeError) as err:
+            raise UsageError(f"{annotation}: entry {k} lacks image_path or caption_options") from err
+        parts = Path(name).stem.split("_")      # <object>_<relation, maybe with _>_<reference>
+        side = SIDE_OF_RELATION.get("_".join(parts[1:-1]))
+        if side is None:
+            continue
+        if CAPTION_WORDS[side] not in caption:
+            raise UsageError(f"{annotation}: {name} is named {side} of but its true caption says {caption!r}")
+        path = Path(root) / subset / name
+        if not path.is_file():
+            raise UsageError(f"{path} is missing (listed in {annotation.name})")
+        photos.append(Photo(path, parts[0].replace("-", " "), side, parts[-1].replace("-", " ")))
+    return photos
+
+
+def read_boxes(path) -> dict[str, dict[str, PixelBox]]:
+    """The box file (module docstring): {photo file name: {"object": box, "reference": box}}."""
+    file = Path(str(path)).expanduser()
+    if not file.is_file():
+        raise UsageError(f"data.whatsup_boxes={file} does not exist; give a box file or null")
+    boxes = {}
+    for name, entry in json.loads(file.read_text()).items():
+        try:
+            found = {key: tuple(int(v) for v in entry[key]) for key in ("object", "reference")}
+        except (KeyError, TypeError, ValueError) as err:
+            raise UsageError(f"{file}: {name} needs object and reference boxes [x0, y0, x1, y1]") from err
+        for key, box in found.items():
+            if len(box) != 4 or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+                raise UsageError(f"{file}: {name} has an empty or malformed {key} box {list(box)}")
+        boxes[name] = found
+    return boxes
+
+
+# --- geometry --------------------------------------------------------------------------------------------
+
+def part_columns(grid: Grid, cuts) -> tuple[int, int, int, int]:
+    """Token columns (0, c1, c2, cols) bounding the left, middle and right parts: `cuts` are two fractions of
+    the width, rounded to whole tokens. Qwen2-VL (12 columns) with thirds: (0, 4, 8, 12)."""
+    cuts = list(cuts)
+    if len(cuts) != 2:
+        raise UsageError(f"setting.cuts needs two fractions of the width, got {cuts}")
+    c1, c2 = (round(float(f) * grid.cols) for f in cuts)
+    if not 0 < c1 < c2 < grid.cols:
+        raise UsageError(f"setting.cuts {cuts} give part columns [0, {c1}), [{c1}, {c2}), [{c2}, {grid.cols}): "
+                         f"each part needs at least one of the grid's {grid.cols} token columns")
+    return 0, c1, c2, grid.cols
+
+
+def covering_token_box(grid: Grid, box: PixelBox) -> TokenBox:
+    """(row0, col0, row1, col1) of every token that pixel box (x0, y0, x1, y1) overlaps."""
+    x0, y0, x1, y1 = box
+    p = grid.pixels_per_token
+    return (y0 // p, x0 // p, -(-y1 // p), -(-x1 // p))
+
+
+def _area(box: PixelBox) -> int:
+    return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
+
+
+def _photo_boxes(photo: Photo, grid: Grid, columns, boxes) -> list[PixelBox] | None:
+    """The photo's item boxes on the composite: [object, reference] for a left photo, [object] for a right
+    one. Its parts without a box file; else its scaled boxes clipped to their parts, or None when one keeps
+    less than MIN_KEPT_AREA of its area."""
+    p = grid.pixels_per_token
+    parts = [(columns[k] * p, 0, columns[k + 1] * p, grid.height) for k in range(3)]
+    wanted = [("object", parts[0]), ("reference", parts[1])] if photo.side == "left" else [("object", parts[2])]
+    if boxes is None:
+        return [part for _, part in wanted]
+    with Image.open(photo.path) as image:
+        width, height = image.size
+    placed = []
+    for key, part in wanted:
+        x0, y0, x1, y1 = boxes[photo.path.name][key]
+        scaled = (x0 * grid.width // width, y0 * grid.height // height,
+                  -(-x1 * grid.width // width), -(-y1 * grid.height // height))
+        clipped = (max(scaled[0], part[0]), max(scaled[1], part[1]), min(scaled[2], part[2]), min(scaled[3], part[3]))
+        if _area(clipped) < MIN_KEPT_AREA * _area(scaled):
+            return None
+        placed.append(clipped)
+    return placed
+
+
+# --- composites ------------------------------------------------------------------------------------------
+
+def pair_photos(photos: list[Photo]) -> list[tuple[Photo, Photo]]:
+    """Every (left photo, right photo) with the same reference and different objects, sorted by reference,
+    left object, right object."""
+    lefts = [p for p in photos if p.side == "left"]
+    rights = [p for p in photos if p.side == "right"]
+    pairs = [(a, b) for a in lefts for b in rights if a.reference == b.reference and a.object != b.object]
+    return sorted(pairs, key=lambda pair: (pair[0].reference, pair[0].object, pair[1].object,
+                                           pair[0].path.name, pair[1].path.name))
+
+
+def load_composites(cfg: DictConfig) -> list[Composite]:
+    """The composites of `cfg.data.whatsup_dir` on `cfg.model`'s grid, with `cfg.setting` (whatsup.yaml): all
+    pairs, or `n_composites` of them drawn with `cfg.seed`, in pair order."""
+    setting = Setting.from_config(cfg.setting)
+    grid = Grid.from_config(cfg.model.grid)
+    columns = part_columns(grid, cfg.setting.cuts)
+    subset = str(cfg.setting.subset)
+    photos = read_photos(whatsup_root(cfg.data.whatsup_dir, subset), subset)
+    unknown = sorted({name for p in photos for name in (p.object, p.reference)} - set(setting.item_names))
+    if unknown:
+        raise UsageError(f"What'sUp names {', '.join(unknown)} are not items of setting {setting.name!r}: add them "
+                         f"to configs/setting/{setting.name}.yaml")
+    boxes = None
+    if cfg.data.get("whatsup_boxes") not in (None, ""):
+        boxes = read_boxes(cfg.data.whatsup_boxes)
+        missing = [p.path.name for p in photos if p.path.name not in boxes]
+        if missing:
+            raise UsageError(f"data.whatsup_boxes lacks {len(missing)} of the {len(photos)} left/right photos, "
+                             f"e.g. {missing[0]}")
+    placed = {photo: _photo_boxes(photo, grid, columns, boxes) for photo in photos}
+    dropped = sorted(photo.path.name for photo, found in placed.items() if found is None)
+    if dropped:
+        warnings.warn(f"{len(dropped)} What'sUp photos left out, their boxes fall outside their part at cuts "
+                      f"{list(cfg.setting.cuts)}: {', '.join(dropped[:5])}", stacklevel=2)
+    pairs = [(a, b) for a, b in pair_photos(photos) if placed[a] is not None and placed[b] is not None]
+    pairs = _draw(pairs, cfg.setting.get("n_composites"), cfg.seed)
+    return [_composite(a, b, setting, grid, columns, placed[a] + placed[b]) for a, b in pairs]
+
+
+def _draw(pairs: list, n, seed: int) -> list:
+    """`n` of `pairs` drawn uniformly without replacement with `seed`, in their original order (all if n is
+    None or not smaller)."""
+    if n is None:
+        return pairs
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UsageError(f"setting.n_composites must be a positive integer or null, got {n!r}")
+    if n >= len(pairs):
+        return pairs
+    keep = np.random.default_rng([seed, 0]).choice(len(pairs), size=n, replace=False)
+    return [pairs[i] for i in sorted(keep.tolist())]
+
+
+def _composite(left: Photo, right: Photo, setting: Setting, grid: Grid, columns, boxes) -> Composite:
+    specs = [setting.item(name) for name in (left.object, left.reference, right.object)]
+    items = [Item(spec.name, spec.answer, k, box, covering_token_box(grid, box))
+             for k, (spec, box) in enumerate(zip(specs, boxes, strict=True))]
+    strips = [(0, columns[k], grid.rows, columns[k + 1]) for k in range(3)]
+    composite_id = "_".join(spec.name.replace(" ", "-") for spec in specs)
+    return Composite(composite_id, left, right, grid, tuple(columns), items, strips)
+
+
+def composite_samples(composite: Composite, setting: Setting, directions=DIRECTIONS) -> list[Sample]:
+    """One horizontal Sample per queried direction (left: the answer is item 0, right: item 2), prompted with
+    `setting`'s template about the reference; the samples share one freshly drawn image."""
+    image = composite.image()
+    samples = []
+    for direction in directions:
+        check_choice("direction of a What'sUp composite", direction, DIRECTIONS)
+        samples.append(Sample(
+            id=f"{setting.name}_{composite.id}_{direction}", setting=setting.name, orientation="horizontal",
+            items=[replace(item) for item in composite.items], strips=list(composite.strips),
+            direction=direction, prompt=setting.prompt(direction, composite.items[1].name),
+            answer=composite.items[TARGET_POSITION[direction]].answer, image=image))
+    return samples
+
+
+def candidates(composites: list[Composite], setting: Setting) -> list[str]:
+    """The distinct answers of the items in `composites`, in setting order: a smaller candidate set than
+    `setting.candidates` (every What'sUp object) when only part of the data is used."""
+    present = {item.answer for composite in composites for item in composite.items}
+    return [answer for answer in setting.candidates if answer in present]
+
+
+def split_composites(composites: list[Composite], fractions: Mapping[str, float], seed: int
+                     ) -> dict[str, list[Composite]]:
+    """Disjoint splits by composite, sized in proportion to `fractions` (non-negative, summing to 1), drawn
+    with `seed`, each in pair order. Composites of different splits may still share a photo (one photo pairs
+    with many others), never a composite image."""
+    names = list(fractions)
+    values = np.array([float(fractions[name]) for name in names])
+    if len(names) == 0 or (values < 0).any() or abs(values.sum() - 1) > 1e-6:
+        raise UsageError(f"split fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    order = np.random.default_rng([seed, 1]).permutation(len(composites))
+    bounds = np.round(np.cumsum(values) * len(composites)).astype(int)
+    bounds[-1] = len(composites)
+    splits, start = {}, 0
+    for name, end in zip(names, bounds.tolist(), strict=True):
+        splits[name] = [composites[i] for i in sorted(order[start:end].tolist())]
+        start = end
+    return splits
+
+
+def load_splits(cfg: DictConfig) -> dict[str, list[Composite]]:
+    """`load_composites(cfg)` split by `cfg.setting.splits` with `cfg.seed`."""
+    return split_composites(load_composites(cfg), cfg.setting.splits, cfg.seed)
