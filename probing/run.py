@@ -1,0 +1,184 @@
+"""Linear probes on the visual embeddings of one model and setting (SPEC 4 `probes`, paper Fig 4, 19-30;
+`grid_probes`, Fig 31, 32), saved under results/<experiment>/<model>/<setting>/.
+
+    python -m probing.run model=qwen2vl_7b setting=squares [n_train=90 n_test=30 probe.C=1.0]
+    python -m probing.run experiment=grid_probes model=gemma3_4b setting=shapes
+
+The experiment defaults to `probes`. Per probe: embeddings of n_train training and n_test test images
+(cached, see probing.extract), a probe fit on the training images' item tokens, its accuracy on the test
+images' item tokens, and the probe applied to every token of the test images (probing.heatmaps). The unit
+holds each probe's weights (probing.probes.load_probe reads them back), heat maps, an example image and
+the metrics. The model is loaded only when an embedding split is not cached yet.
+"""
+
+import functools
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from omegaconf import DictConfig
+
+from data_gen.scenes import ORIENTATIONS, Grid, Layout
+from data_gen.settings import Setting
+from probing.extract import Embeddings, check_arrangement, count_arrangements, grid_size, load_or_extract
+from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
+from probing.probes import Probe, fit_probe, item_examples
+from vlm.cli import UsageError, check_choice, entrypoint
+from vlm.results import is_done, save_unit, unit_dir
+
+EXPERIMENTS = ("probes", "grid_probes")
+GRID_TARGETS = ("row", "col", "cell")
+DEFINITIONS = {
+    "heat_map": "mean_prob: mean over test images of each token's class probability; argmax_map: per-cell mode "
+                "of each test image's argmax class (ties to the lower class)",
+    "strip_agreement": "fraction of non-item test tokens whose argmax equals the label of the nearest item, "
+                       "distance along the probe's axes (cols: horizontal / col probe, rows: vertical / row probe, "
+                       "both: cell probe) to the item's token box; tokens tied between two labels left out",
+    "splits": "train and test are disjoint slices [0, n_train) and [n_train, n_train + n_test) of one seeded "
+              "sequence of distinct item arrangements",
+}
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """One probe: `name` (horizontal, vertical, 2x2_row, ...), the `arrangement` it reads and the `target`
+    it predicts (position for lines; row, col or cell for grids)."""
+
+    name: str
+    arrangement: str
+    target: str
+
+
+def load_model(cfg: DictConfig):
+    """vlm.models.load_model, imported on first use: bad input and a refit from cached embeddings never
+    import torch."""
+    from vlm.models import load_model as load
+
+    return load(cfg)
+
+
+def probe_specs(cfg: DictConfig) -> list[ProbeSpec]:
+    """The probes of `cfg.experiment.name`; UsageError for an unknown orientation, grid size or target."""
+    if cfg.experiment.name == "probes":
+        orientations = list(cfg.orientations)
+        if not orientations:
+            raise UsageError("orientations is empty; allowed: " + ", ".join(ORIENTATIONS))
+        for o in orientations:
+            check_choice("orientation", o, ORIENTATIONS)
+        return [ProbeSpec(o, o, "position") for o in orientations]
+    sizes, targets = list(cfg.grid_sizes), list(cfg.grid_targets)
+    if not sizes or not targets:
+        raise UsageError("grid_sizes and grid_targets must be non-empty, e.g. grid_sizes=[2,3] grid_targets=[row,col]")
+    for n in sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise UsageError(f"grid_sizes holds {n!r}; a grid size is an integer >= 2 (2 for 2x2, 3 for 3x3)")
+    for t in targets:
+        check_choice("grid target", t, GRID_TARGETS)
+    return [ProbeSpec(f"{n}x{n}_{t}", f"{n}x{n}", t) for n in sizes for t in targets]
+
+
+def check_inputs(cfg: DictConfig, setting: Setting, specs: list[ProbeSpec]) -> None:
+    """Every UsageError the run could hit, raised before anything is extracted or written."""
+    for key in ("n_train", "n_test"):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            classes = "positions" if cfg.experiment.name == "probes" else "rows, columns or cells"
+            raise UsageError(f"{key}={value!r}: a probe needs at least 1 {key[2:]} image so that all its "
+                             f"classes ({classes}) have tokens")
+    if not float(cfg.probe.C) > 0:
+        raise UsageError(f"probe.C={cfg.probe.C} must be positive (inverse regularisation strength)")
+    grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
+    for arrangement in dict.fromkeys(s.arrangement for s in specs):
+        check_arrangement(grid, layout, arrangement)
+        available = count_arrangements(setting, arrangement)
+        if cfg.n_train + cfg.n_test > available:
+            raise UsageError(f"n_train + n_test = {cfg.n_train + cfg.n_test} images, but setting {setting.name!r} "
+                             f"has only {available} distinct {arrangement} arrangements")
+
+
+def labels_and_axes(emb: Embeddings, spec: ProbeSpec) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(labels (n_images, n_items), the grid axes along which the label changes)."""
+    position = emb.item_position
+    if spec.target == "position":
+        return position[..., 0], ("col",) if spec.arrangement == "horizontal" else ("row",)
+    n = grid_size(spec.arrangement)
+    row, col = position[..., 0], position[..., 1]
+    return {"row": (row, ("row",)), "col": (col, ("col",)), "cell": (row * n + col, ("row", "col"))}[spec.target]
+
+
+def evaluate(probe: Probe, emb: Embeddings, labels: np.ndarray, axes) -> tuple[dict, dict]:
+    """Metrics and arrays of `probe` on split `emb`: item-token accuracy, heat maps over every token, strip
+    agreement, confusion, and the first image with its item and nearest-item label maps."""
+    probs = token_probabilities(probe, emb.tokens)                                   # (n, T, k)
+    predicted = probe.classes[probs.argmax(-1)]                                      # (n, T)
+    x, y = item_examples(emb.tokens, emb.item_tokens, labels)
+    item_predicted = probe.predict(x)
+    expected = np.stack([nearest_item_labels(emb.grid_shape, boxes, lab, axes)
+                         for boxes, lab in zip(emb.item_box, labels, strict=True)])
+    strip, counted = strip_agreement(predicted, expected)
+    mean_prob, argmax_map, agreement = heat_map(predicted, probs, probe.classes, emb.grid_shape)
+    item_map = np.full(emb.tokens.shape[1], -1)
+    for tokens, label in zip(emb.item_tokens[0], labels[0], strict=True):
+        item_map[tokens] = label
+    index = {c: i for i, c in enumerate(probe.classes.tolist())}
+    confusion = np.zeros((len(index), len(index)), np.int64)
+    np.add.at(confusion, ([index[v] for v in y], [index[v] for v in item_predicted]), 1)
+    shape = tuple(emb.grid_shape)
+    metrics = {"test_accuracy": float((item_predicted == y).mean()), "strip_agreement": strip,
+               "strip_tokens_counted": counted, "n_test_images": len(emb.tokens), "n_test_tokens": len(y),
+               "classes": probe.classes.tolist(), "axes": list(axes)}
+    arrays = {"mean_prob": mean_prob, "argmax_map": argmax_map, "argmax_agreement": agreement,
+              "item_map": item_map.reshape(shape), "example_item_box": emb.item_box[0],
+              "nearest_map": expected[0].reshape(shape),
+              "example_argmax": predicted[0].reshape(shape), "example_image": emb.first_image,
+              "confusion": confusion, "test_image_id": emb.image_id}
+    return metrics, arrays
+
+
+def run(cfg: DictConfig) -> None:
+    name = cfg.experiment.name
+    check_choice("probing experiment", name, EXPERIMENTS)
+    setting = Setting.from_config(cfg.setting)
+    specs = probe_specs(cfg)
+    check_inputs(cfg, setting, specs)
+    out = unit_dir(cfg, name)
+    if is_done(out) and not cfg.redo:
+        print(f"{name}: {out} exists, skipping (redo=true to recompute)")
+        return
+    get_vlm = functools.cache(lambda: load_model(cfg))
+    splits, metrics, arrays = {}, {}, {}
+    for spec in specs:
+        if spec.arrangement not in splits:
+            splits[spec.arrangement] = (
+                load_or_extract(cfg, setting, spec.arrangement, 0, cfg.n_train, get_vlm),
+                load_or_extract(cfg, setting, spec.arrangement, cfg.n_train, cfg.n_train + cfg.n_test, get_vlm))
+        (train, train_path), (test, test_path) = splits[spec.arrangement]
+        train_labels, axes = labels_and_axes(train, spec)
+        x, y = item_examples(train.tokens, train.item_tokens, train_labels)
+        probe = fit_probe(x, y, C=cfg.probe.C, standardize=cfg.probe.standardize, max_iter=cfg.probe.max_iter,
+                          seed=cfg.seed)
+        test_metrics, test_arrays = evaluate(probe, test, labels_and_axes(test, spec)[0], axes)
+        metrics[spec.name] = {"train_accuracy": float((probe.predict(x) == y).mean()), **test_metrics,
+                              "n_train_images": len(train.tokens), "n_train_tokens": len(y),
+                              "arrangement": spec.arrangement, "target": spec.target,
+                              "embeddings": {"train": str(train_path), "test": str(test_path)}}
+        arrays.update(probe.to_arrays(spec.name))
+        arrays.update({f"{spec.name}.{key}": value for key, value in test_arrays.items()})
+        arrays[f"{spec.name}.train_image_id"] = train.image_id
+    save_unit(out, {"probes": metrics, "definitions": DEFINITIONS}, arrays, cfg)
+    for probe_name, m in metrics.items():
+        print(f"{name} {cfg.model.name} {setting.name} {probe_name}: test accuracy {m['test_accuracy']:.3f}, "
+              f"strip agreement {m['strip_agreement']:.3f}")
+    print(f"-> {out}")
+
+
+@entrypoint()
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    # the root config's default experiment is accuracy; this command's is probes
+    if not any(arg.lstrip("+").startswith("experiment=") for arg in sys.argv[1:]):
+        sys.argv.append("experiment=probes")
+    main()
