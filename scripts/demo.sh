@@ -11,6 +11,8 @@ figure fig06_object_patching n_pairs=4
 figure fig07_strip_patching n_pairs=4
 figure table2_ablation n=16
 figure fig08_ablated_patching n_pairs=4
+figure fig04_probes n_train=12 n_test=6 embeddings_dir=demo/embeddings
+figure fig31_grid_probes n_train=12 n_test=6 embeddings_dir=demo/embeddings
 PY=${PYTHON:-python}
 "$PY" -m patching.benchmark model=tiny_qwen2vl n_pairs=4 device=cpu results_dir=demo/results
 echo "demo finished: results in demo/results, figures in demo/figures"
