@@ -5,9 +5,12 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+REPO_DIR = Path(__file__).resolve().parent.parent
+CONFIG_DIR = str(REPO_DIR / "configs")
+# `${repo:vlm/organism}` in a config: a path inside this repository, wherever the command runs from
+OmegaConf.register_new_resolver("repo", lambda relative: str(REPO_DIR / relative), replace=True)
 
 
 class UsageError(Exception):
