@@ -91,3 +91,14 @@ def draw_figure(results: Path, out: Path, experiment: str, outcomes: dict[str, s
     (out / "summary.md").write_text(summary)
     print(summary + "written: " + ", ".join(str(p) for p in written))
     return 0
+
+
+def figure_main(experiment: str, outcomes: dict[str, str], title: str, figure_dir: Path) -> int:
+    """The command line of a sweep figure's plot.py: --results (default results), --out (default <figure>/out)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=f"Redraw the {experiment} figure from saved results.")
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=figure_dir / "out")
+    args = parser.parse_args()
+    return draw_figure(args.results, args.out, experiment, outcomes, title)

@@ -1,17 +1,12 @@
-"""Redraw paper Fig. 8, 17, 18: object patching after ablation, probability of the clean answer (a) and of the swapped answer (b)
-against the patched site, from results/ablated_patching/."""
+"""Redraw paper Fig. 8 (and 17, 18): object patching after ablation, probability of the clean answer (a)
+and of the swapped answer (b) against the patched LM layer, from results/ablated_patching/."""
 
-import argparse
 import sys
 from pathlib import Path
 
-from patching.plots import draw_figure
+from patching.plots import figure_main
 
 OUTCOMES = {"clean": "P(a): clean answer", "swapped": "P(b): sides swapped"}
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
-    args = parser.parse_args()
-    sys.exit(draw_figure(args.results, args.out, "ablated_patching", OUTCOMES, "Object patching after ablation"))
+    sys.exit(figure_main("ablated_patching", OUTCOMES, "Object patching after ablation", Path(__file__).parent))
