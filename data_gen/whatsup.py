@@ -31,9 +31,16 @@ Count: Controlled-A photographs 103 object-reference combinations (31 with the a
 27 with the table), each with the object left, right, on and under. Ordered pairs (a left of r, b right of
 r, a != b) give 31*30 + 45*44 + 27*26 = 3612 composites. The paper reports 1074 without saying how it chose
 them, so `n_composites` (default 1074) draws that many uniformly from all pairs with the run's seed.
+
+Stand-in data for tests and CPU demos, in the same layout (a noisy grey photo, the reference as one colored
+block in the middle and the object as another block on its side):
+
+    python -m data_gen.whatsup stand_in DIR [--seed 0]
 """
 
+import argparse
 import json
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -311,3 +318,73 @@ def split_composites(composites: list[Composite], fractions: Mapping[str, float]
 def load_splits(cfg: DictConfig) -> dict[str, list[Composite]]:
     """`load_composites(cfg)` split by `cfg.setting.splits` with `cfg.seed`."""
     return split_composites(load_composites(cfg), cfg.setting.splits, cfg.seed)
+
+
+# --- stand-in photographs --------------------------------------------------------------------------------
+
+STAND_IN_SIZE = (160, 120)                              # photo width, height
+STAND_IN_REFERENCE_BOX = (62, 40, 98, 100)              # x0, y0, x1, y1 in the photo, exclusive ends
+STAND_IN_OBJECT_BOX = {"left": (15, 60, 41, 90), "right": (119, 60, 145, 90), "on": (68, 20, 92, 40),
+                       "under": (68, 100, 92, 118)}
+STAND_IN_COLORS = {"mug": (230, 20, 20), "cap": (20, 200, 30), "beer-bottle": (30, 60, 230), "bowl": (240, 200, 0),
+                   "bottle-of-mustard": (255, 120, 0), "chair": (200, 0, 220), "table": (0, 210, 210)}
+# (object, reference) photographed left of, right of, on and under the reference, as in What'sUp Controlled-A
+STAND_IN_COMBOS = (("mug", "chair"), ("cap", "chair"), ("beer-bottle", "chair"), ("bowl", "table"),
+                   ("bottle-of-mustard", "table"), ("mug", "table"))
+RELATION_WORDS = {"left_of": "to the left of", "right_of": "to the right of", "on": "on", "under": "under"}
+
+
+def stand_in_photograph(obj: str, relation: str, reference: str, rng: np.random.Generator) -> Image.Image:
+    """A STAND_IN_SIZE photo: noisy grey, the reference's color block at STAND_IN_REFERENCE_BOX and the
+    object's at STAND_IN_OBJECT_BOX[side] (names with hyphens, as in file names; colors STAND_IN_COLORS)."""
+    width, height = STAND_IN_SIZE
+    grey = rng.integers(90, 150, size=(height, width, 1)) + rng.integers(-8, 9, size=(height, width, 3))
+    pixels = grey.clip(0, 255).astype(np.uint8)
+    for (x0, y0, x1, y1), color in ((STAND_IN_REFERENCE_BOX, STAND_IN_COLORS[reference]),
+                                    (STAND_IN_OBJECT_BOX[relation.removesuffix("_of")], STAND_IN_COLORS[obj])):
+        pixels[y0:y1, x0:x1] = color
+    return Image.fromarray(pixels)
+
+
+def write_stand_in(root, combos=STAND_IN_COMBOS, images: bool = True, seed: int = 0) -> Path:
+    """Write controlled_images_dataset.json and controlled_images/*.jpeg under `root` as What'sUp ships them:
+    every (object, reference) of `combos` (names with hyphens) in the four relations. `images=False` writes
+    empty files (enough for pairing, which reads names only). Returns `root`."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    (root / "controlled_images").mkdir(parents=True)
+    entries = []
+    for obj, reference in combos:
+        for relation, words in RELATION_WORDS.items():
+            name = f"{obj}_{relation}_{reference}.jpeg"
+            captions = [f"A {obj.replace('-', ' ')} {w} a {reference}" for w in RELATION_WORDS.values() if w != words]
+            entries.append({"image_path": f"data/controlled_images/{name}",
+                            "caption_options": [f"A {obj.replace('-', ' ')} {words} a {reference}", *captions]})
+            path = root / "controlled_images" / name
+            if images:
+                stand_in_photograph(obj, relation, reference, rng).save(path, quality=95)
+            else:
+                path.touch()
+    (root / SUBSETS["controlled_images"]).write_text(json.dumps(entries))
+    return root
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_gen.whatsup",
+                                     description="Write a stand-in What'sUp Controlled-A directory (tests, demos).")
+    parser.add_argument("command", choices=["stand_in"])
+    parser.add_argument("out", type=Path, help="directory to create (must not exist yet)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.out.exists():
+        print(f"error: {args.out} already exists; give a new directory", file=sys.stderr)
+        return 2
+    write_stand_in(args.out, seed=args.seed)
+    n = len(STAND_IN_COMBOS)
+    print(f"stand-in What'sUp: {4 * n} photos of {n} object-reference combinations -> {args.out} "
+          f"(use data.whatsup_dir={args.out})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

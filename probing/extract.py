@@ -8,7 +8,9 @@ a split is the slice [start, stop) of that sequence, so a training split [0, n_t
 
     <embeddings_dir>/<model>/<setting>/<arrangement>_seed<seed>_<start>-<stop>.npz
 
-holding the embeddings and what is needed to label their tokens (see `Embeddings`). The file also stores
+holding the embeddings and what is needed to label their tokens (see `Embeddings`). A What'sUp setting has
+fixed images instead (data_gen.samples.setting_samples): its splits are [start, stop) of the composites of a
+named split (train, test), cached as `<arrangement>_<split>_seed<seed>_<start>-<stop>.npz`. The file also stores
 a key (model and setting config, arrangement, seed, slice, dtype); a file whose key differs is extracted
 again, and so is every file when redo=true.
 """
@@ -26,6 +28,7 @@ from tqdm import tqdm
 
 from data_gen.pairs import shape_grid
 from data_gen.render import Sample, draw_scene
+from data_gen.samples import setting_samples, setting_source
 from data_gen.scenes import ORIENTATIONS, Grid, Layout, grid_boxes, token_indices
 from data_gen.settings import Setting
 from vlm.cli import UsageError, check_choice
@@ -40,8 +43,8 @@ class Embeddings:
     Per image: `image_id`, `orientation` (horizontal, vertical or grid). Per item (n_images, n_items, ...):
     `item_position` (n_images, n_items, 2) as [row, col] in grids and [position, -1] in lines, `item_box`
     (..., 4) token boxes (row0, col0, row1, col1), `item_tokens` (..., tokens_per_item) row-major token
-    indices, `item_name`. `grid_shape` is (rows, cols); `first_image` (H, W, 3) uint8 is the split's
-    first image, for drawing.
+    indices, padded with -1 where items differ in size (What'sUp boxes), `item_name`. `grid_shape` is (rows,
+    cols); `first_image` (H, W, 3) uint8 is the split's first image, for drawing.
     """
 
     tokens: np.ndarray
@@ -123,13 +126,17 @@ def samples_to_embeddings(samples: list[Sample], tokens: np.ndarray, grid: Grid)
     def position(item):
         return list(item.position) if isinstance(item.position, list) else [item.position, -1]
 
+    indices = [[token_indices(grid, i.token_box) for i in s.items] for s in samples]
+    width = max(len(tokens) for per_image in indices for tokens in per_image)
+    padded = [[tokens + [-1] * (width - len(tokens)) for tokens in per_image] for per_image in indices]
+
     return Embeddings(
         tokens=tokens,
         image_id=np.array([s.id for s in samples]),
         orientation=np.array([s.orientation for s in samples]),
         item_position=np.array([[position(i) for i in s.items] for s in samples], dtype=np.int64),
         item_box=np.array([[i.token_box for i in s.items] for s in samples], dtype=np.int64),
-        item_tokens=np.array([[token_indices(grid, i.token_box) for i in s.items] for s in samples], dtype=np.int64),
+        item_tokens=np.array(padded, dtype=np.int64),
         item_name=np.array([[i.name for i in s.items] for s in samples]),
         grid_shape=np.array([grid.rows, grid.cols]),
         first_image=np.asarray(samples[0].image, dtype=np.uint8),
@@ -147,17 +154,36 @@ def extract_tokens(vlm, samples: list[Sample], batch_size: int, dtype: str, desc
     return np.concatenate(out)
 
 
-def split_path(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int) -> Path:
-    return (Path(cfg.embeddings_dir) / cfg.model.name / setting.name /
-            f"{arrangement}_seed{cfg.seed}_{start}-{stop}.npz")
+def split_path(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,
+               split: str | None = None) -> Path:
+    name = arrangement if split is None else f"{arrangement}_{split}"
+    return Path(cfg.embeddings_dir) / cfg.model.name / setting.name / f"{name}_seed{cfg.seed}_{start}-{stop}.npz"
 
 
-def split_key(cfg: DictConfig, arrangement: str, start: int, stop: int) -> str:
+def split_key(cfg: DictConfig, arrangement: str, start: int, stop: int, split: str | None = None) -> str:
     """What the cached embeddings depend on, as one JSON string."""
-    return json.dumps({"model": OmegaConf.to_container(cfg.model, resolve=True),
-                       "setting": OmegaConf.to_container(cfg.setting, resolve=True),
-                       "arrangement": arrangement, "seed": cfg.seed, "start": start, "stop": stop,
-                       "dtype": cfg.embedding_dtype}, sort_keys=True)
+    key = {"model": OmegaConf.to_container(cfg.model, resolve=True),
+           "setting": OmegaConf.to_container(cfg.setting, resolve=True),
+           "arrangement": arrangement, "seed": cfg.seed, "start": start, "stop": stop, "dtype": cfg.embedding_dtype}
+    if split is not None:
+        key.update(split=split, data=OmegaConf.to_container(cfg.data, resolve=True))
+    return json.dumps(key, sort_keys=True)
+
+
+def split_samples(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,
+                  split: str | None = None) -> list[Sample]:
+    """The images of one split: [start, stop) of the seeded arrangements (synthetic), or of the composites of
+    `split` (What'sUp, horizontal only)."""
+    if setting_source(cfg) == "synthetic":
+        grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
+        return arrangement_samples(setting, grid, layout, arrangement, cfg.seed, start, stop)
+    if arrangement != "horizontal" or split is None:
+        raise UsageError(f"setting {setting.name!r} has horizontal composites only, split by name; got {arrangement}")
+    samples = setting_samples(cfg, split, queried=False)[start:stop]
+    if not samples:
+        raise UsageError(f"the What'sUp {split} split has no composites in [{start}, {stop}); "
+                         f"raise setting.n_composites or change setting.splits")
+    return samples
 
 
 def save_embeddings(path: Path, emb: Embeddings, key: str) -> None:
@@ -177,15 +203,16 @@ def cached_key(path: Path) -> str | None:
 
 
 def load_or_extract(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,
-                    get_vlm: Callable) -> tuple[Embeddings, Path]:
-    """The split [start, stop) of `arrangement`, from its cache file when that exists with the same key
-    (and redo is false), otherwise extracted with `get_vlm()` (called only then) and cached."""
+                    get_vlm: Callable, split: str | None = None) -> tuple[Embeddings, Path]:
+    """The split [start, stop) of `arrangement` (of What'sUp split `split`), from its cache file when that
+    exists with the same key (and redo is false), otherwise extracted with `get_vlm()` (called only then)
+    and cached."""
     check_choice("embedding_dtype", cfg.embedding_dtype, EMBEDDING_DTYPES)
-    path, key = split_path(cfg, setting, arrangement, start, stop), split_key(cfg, arrangement, start, stop)
+    path, key = split_path(cfg, setting, arrangement, start, stop, split), split_key(cfg, arrangement, start, stop, split)
     if not cfg.redo and cached_key(path) == key:
         return Embeddings.load(path), path
-    grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
-    samples = arrangement_samples(setting, grid, layout, arrangement, cfg.seed, start, stop)
+    grid = Grid.from_config(cfg.model.grid)
+    samples = split_samples(cfg, setting, arrangement, start, stop, split)
     vlm = get_vlm()
     tokens = extract_tokens(vlm, samples, cfg.batch_size, cfg.embedding_dtype,
                             desc=f"embeddings {vlm.name} {setting.name} {arrangement} [{start}, {stop})")

@@ -92,13 +92,16 @@ def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = 
 def item_examples(tokens: np.ndarray, item_tokens: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every item token of every image with its item's label.
 
-    tokens (n_images, n_tokens, hidden), item_tokens (n_images, n_items, tokens_per_item) token indices,
-    labels (n_images, n_items) -> x (n_images * n_items * tokens_per_item, hidden), y (same n,).
+    tokens (n_images, n_tokens, hidden), item_tokens (n_images, n_items, tokens_per_item) token indices (-1:
+    padding, skipped), labels (n_images, n_items) -> x (n_item_tokens, hidden), y (n_item_tokens,), in image,
+    item, token order.
     """
     n_images, n_items, per_item = item_tokens.shape
-    x = np.take_along_axis(tokens, item_tokens.reshape(n_images, -1, 1), axis=1)
+    flat = item_tokens.reshape(n_images, -1)
+    x = np.take_along_axis(tokens, np.maximum(flat, 0)[..., None], axis=1)
     y = np.repeat(labels, per_item, axis=1)
-    return x.reshape(-1, tokens.shape[-1]), y.reshape(-1)
+    keep = flat >= 0
+    return x[keep], y[keep]
 
 
 def load_probe(unit_dir: Path, orientation: str) -> Probe:

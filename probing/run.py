@@ -3,12 +3,17 @@
 
     python -m probing.run model=qwen2vl_7b setting=squares [n_train=90 n_test=30 probe.C=1.0]
     python -m probing.run experiment=grid_probes model=gemma3_4b setting=shapes
+    python -m probing.run experiment=whatsup_probes model=qwen2vl_7b data.whatsup_dir=DIR   (Fig 33-35)
 
 The experiment defaults to `probes`. Per probe: embeddings of n_train training and n_test test images
 (cached, see probing.extract), a probe fit on the training images' item tokens, its accuracy on the test
 images' item tokens, and the probe applied to every token of the test images (probing.heatmaps). The unit
 holds each probe's weights (probing.probes.load_probe reads them back), heat maps, an example image and
 the metrics. The model is loaded only when an embedding split is not cached yet.
+
+whatsup_probes: one horizontal probe on What'sUp composites (setting whatsup), trained on the tokens inside
+the item boxes of the first n_train composites of the train split (null: all), tested on n_test of the test
+split; labels are the items' positions (0 left object, 1 reference, 2 right object).
 """
 
 import functools
@@ -18,15 +23,17 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
+from data_gen.samples import setting_source
 from data_gen.scenes import ORIENTATIONS, Grid, Layout
 from data_gen.settings import Setting
+from data_gen.whatsup import load_splits, whatsup_root
 from probing.extract import Embeddings, check_arrangement, count_arrangements, grid_size, load_or_extract
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
 from probing.probes import Probe, fit_probe, item_examples
 from vlm.cli import UsageError, check_choice, entrypoint
 from vlm.results import is_done, save_unit, unit_dir
 
-EXPERIMENTS = ("probes", "grid_probes")
+EXPERIMENTS = ("probes", "grid_probes", "whatsup_probes")
 GRID_TARGETS = ("row", "col", "cell")
 DEFINITIONS = {
     "heat_map": "mean_prob: mean over test images of each token's class probability; argmax_map: per-cell mode "
@@ -59,7 +66,7 @@ def load_model(cfg: DictConfig):
 
 def probe_specs(cfg: DictConfig) -> list[ProbeSpec]:
     """The probes of `cfg.experiment.name`; UsageError for an unknown orientation, grid size or target."""
-    if cfg.experiment.name == "probes":
+    if cfg.experiment.name in ("probes", "whatsup_probes"):
         orientations = list(cfg.orientations)
         if not orientations:
             raise UsageError("orientations is empty; allowed: " + ", ".join(ORIENTATIONS))
@@ -79,14 +86,25 @@ def probe_specs(cfg: DictConfig) -> list[ProbeSpec]:
 
 def check_inputs(cfg: DictConfig, setting: Setting, specs: list[ProbeSpec]) -> None:
     """Every UsageError the run could hit, raised before anything is extracted or written."""
+    if setting_source(cfg) == "whatsup":
+        if [s.arrangement for s in specs] != ["horizontal"]:
+            raise UsageError(f"setting {setting.name!r} has horizontal composites only: use experiment=whatsup_probes "
+                             f"(orientations=[horizontal]), got {[s.name for s in specs]}")
+        whatsup_root(cfg.data.whatsup_dir, str(cfg.setting.subset))
+    elif cfg.experiment.name == "whatsup_probes":
+        raise UsageError(f"whatsup_probes needs setting=whatsup, got setting={setting.name}")
     for key in ("n_train", "n_test"):
         value = cfg[key]
+        if value is None and setting_source(cfg) == "whatsup":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             classes = "positions" if cfg.experiment.name == "probes" else "rows, columns or cells"
             raise UsageError(f"{key}={value!r}: a probe needs at least 1 {key[2:]} image so that all its "
                              f"classes ({classes}) have tokens")
     if not float(cfg.probe.C) > 0:
         raise UsageError(f"probe.C={cfg.probe.C} must be positive (inverse regularisation strength)")
+    if setting_source(cfg) == "whatsup":
+        return
     grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
     for arrangement in dict.fromkeys(s.arrangement for s in specs):
         check_arrangement(grid, layout, arrangement)
@@ -119,7 +137,7 @@ def evaluate(probe: Probe, emb: Embeddings, labels: np.ndarray, axes) -> tuple[d
     mean_prob, argmax_map, agreement = heat_map(predicted, probs, probe.classes, emb.grid_shape)
     item_map = np.full(emb.tokens.shape[1], -1)
     for tokens, label in zip(emb.item_tokens[0], labels[0], strict=True):
-        item_map[tokens] = label
+        item_map[tokens[tokens >= 0]] = label
     index = {c: i for i, c in enumerate(probe.classes.tolist())}
     confusion = np.zeros((len(index), len(index)), np.int64)
     np.add.at(confusion, ([index[v] for v in y], [index[v] for v in item_predicted]), 1)
@@ -133,6 +151,17 @@ def evaluate(probe: Probe, emb: Embeddings, labels: np.ndarray, axes) -> tuple[d
               "example_argmax": predicted[0].reshape(shape), "example_image": emb.first_image,
               "confusion": confusion, "test_image_id": emb.image_id}
     return metrics, arrays
+
+
+def train_test_embeddings(cfg: DictConfig, setting: Setting, arrangement: str, get_vlm):
+    """((train Embeddings, path), (test Embeddings, path)): disjoint slices of one arrangement sequence, or
+    the first n_train / n_test (null: all) composites of the What'sUp train and test splits."""
+    if setting_source(cfg) == "whatsup":
+        sizes = {name: len(composites) for name, composites in load_splits(cfg).items()}
+        return tuple(load_or_extract(cfg, setting, arrangement, 0, min(n or sizes[split], sizes[split]), get_vlm,
+                                     split=split) for split, n in (("train", cfg.n_train), ("test", cfg.n_test)))
+    return (load_or_extract(cfg, setting, arrangement, 0, cfg.n_train, get_vlm),
+            load_or_extract(cfg, setting, arrangement, cfg.n_train, cfg.n_train + cfg.n_test, get_vlm))
 
 
 def run(cfg: DictConfig) -> None:
@@ -149,9 +178,7 @@ def run(cfg: DictConfig) -> None:
     splits, metrics, arrays = {}, {}, {}
     for spec in specs:
         if spec.arrangement not in splits:
-            splits[spec.arrangement] = (
-                load_or_extract(cfg, setting, spec.arrangement, 0, cfg.n_train, get_vlm),
-                load_or_extract(cfg, setting, spec.arrangement, cfg.n_train, cfg.n_train + cfg.n_test, get_vlm))
+            splits[spec.arrangement] = train_test_embeddings(cfg, setting, spec.arrangement, get_vlm)
         (train, train_path), (test, test_path) = splits[spec.arrangement]
         train_labels, axes = labels_and_axes(train, spec)
         x, y = item_examples(train.tokens, train.item_tokens, train_labels)

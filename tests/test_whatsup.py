@@ -1,5 +1,6 @@
-"""What'sUp composites on stand-in photographs written in the real layout (JSON + JPEGs): a noisy grey
-background, the reference as one colored block in the middle and the object as another block on its side."""
+"""What'sUp composites on stand-in photographs written in the real layout (JSON + JPEGs) by
+data_gen.whatsup.write_stand_in: a noisy grey background, the reference as one colored block in the middle and
+the object as another block on its side."""
 
 import json
 
@@ -10,6 +11,10 @@ from PIL import Image
 from data_gen.scenes import Grid
 from data_gen.settings import Setting
 from data_gen.whatsup import (
+    STAND_IN_COLORS,
+    STAND_IN_COMBOS,
+    STAND_IN_OBJECT_BOX,
+    STAND_IN_REFERENCE_BOX,
     composite_samples,
     covering_token_box,
     load_composites,
@@ -17,21 +22,15 @@ from data_gen.whatsup import (
     pair_photos,
     read_photos,
     split_composites,
+    write_stand_in,
 )
 from tests.conftest import load_twin, make_cfg
 from vlm.cli import UsageError
 from vlm.scoring import AnswerScorer
 
-PHOTO_W, PHOTO_H = 160, 120
-REFERENCE_BOX = (62, 40, 98, 100)                       # x0, y0, x1, y1 in the photo, exclusive ends
-OBJECT_BOX = {"left": (15, 60, 41, 90), "right": (119, 60, 145, 90), "on": (68, 20, 92, 40),
-              "under": (68, 100, 92, 118)}
-COLORS = {"mug": (230, 20, 20), "cap": (20, 200, 30), "beer-bottle": (30, 60, 230), "bowl": (240, 200, 0),
-          "bottle-of-mustard": (255, 120, 0), "chair": (200, 0, 220), "table": (0, 210, 210)}
-# (object, reference) photographed left, right, on and under, as in What'sUp Controlled-A
-COMBOS = [("mug", "chair"), ("cap", "chair"), ("beer-bottle", "chair"), ("bowl", "table"),
-          ("bottle-of-mustard", "table"), ("mug", "table")]
-RELATIONS = {"left_of": "to the left of", "right_of": "to the right of", "on": "on", "under": "under"}
+COLORS = STAND_IN_COLORS
+COMBOS = list(STAND_IN_COMBOS)
+OBJECT_BOX, REFERENCE_BOX = STAND_IN_OBJECT_BOX, STAND_IN_REFERENCE_BOX
 
 # every object-reference combination of the real Controlled-A (controlled_images_dataset.json), by reference
 REAL_COMBOS = {
@@ -47,33 +46,8 @@ REAL_COMBOS = {
 }
 
 
-def photograph(obj: str, relation: str, reference: str, rng) -> Image.Image:
-    grey = rng.integers(90, 150, size=(PHOTO_H, PHOTO_W, 1)) + rng.integers(-8, 9, size=(PHOTO_H, PHOTO_W, 3))
-    pixels = grey.clip(0, 255).astype(np.uint8)
-    for (x0, y0, x1, y1), color in ((REFERENCE_BOX, COLORS[reference]),
-                                    (OBJECT_BOX[relation.removesuffix("_of")], COLORS[obj])):
-        pixels[y0:y1, x0:x1] = color
-    return Image.fromarray(pixels)
-
-
 def write_dataset(root, combos=COMBOS, images=True, seed=0):
-    """controlled_images_dataset.json and controlled_images/*.jpeg as What'sUp ships them."""
-    rng = np.random.default_rng(seed)
-    (root / "controlled_images").mkdir(parents=True)
-    entries = []
-    for obj, reference in combos:
-        for relation, words in RELATIONS.items():
-            name = f"{obj}_{relation}_{reference}.jpeg"
-            true = f"A {obj.replace('-', ' ')} {words} a {reference}"
-            others = [f"A {obj.replace('-', ' ')} {w} a {reference}" for w in RELATIONS.values() if w != words]
-            entries.append({"image_path": f"data/controlled_images/{name}", "caption_options": [true, *others]})
-            path = root / "controlled_images" / name
-            if images:
-                photograph(obj, relation, reference, rng).save(path, quality=95)
-            else:
-                path.touch()
-    (root / "controlled_images_dataset.json").write_text(json.dumps(entries))
-    return root
+    return write_stand_in(root, combos, images, seed)
 
 
 def cfg_for(root, model="tiny_qwen2vl", *overrides):

@@ -1,6 +1,10 @@
 """Behavioural accuracy (paper Table 1 and Table 4; SPEC experiment `accuracy`).
 
     python -m vlm.accuracy model=qwen2vl_7b setting=squares [n=200 batch_size=16 redo=false]
+    python -m vlm.accuracy model=qwen2vl_7b setting=whatsup data.whatsup_dir=DIR [split=all]
+
+Samples come from data_gen.samples.setting_samples: `n` random images of a synthetic setting, or every
+What'sUp composite of `split` in both directions.
 
 Scores every candidate answer from the next-token distribution, predicts the highest, and writes accuracy
 overall, per queried direction and per orientation to results/accuracy/<model>/<setting>/.
@@ -11,8 +15,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from data_gen.render import random_samples
-from data_gen.scenes import Grid, Layout
+from data_gen.samples import setting_samples
 from data_gen.settings import Setting
 from vlm.cli import entrypoint
 from vlm.models import VLM, load_model
@@ -58,7 +61,7 @@ def run(cfg: DictConfig) -> None:
         print(f"accuracy: {out} exists, skipping (redo=true to recompute)")
         return
     setting = Setting.from_config(cfg.setting)
-    samples = random_samples(setting, Grid(**cfg.model.grid), Layout(**cfg.model.layout), cfg.n, cfg.seed)
+    samples = setting_samples(cfg, cfg.get("split", "all"))
     vlm = load_model(cfg)
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     probs, greedy = score_samples(vlm, scorer, samples, cfg.batch_size, desc=f"accuracy {vlm.name} {setting.name}")

@@ -50,9 +50,22 @@ def save_unit(directory: Path, metrics: dict, arrays: dict, cfg: DictConfig) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     np.savez_compressed(tmp / "arrays.npz", **arrays)
-    (tmp / "metrics.json").write_text(json.dumps({"metrics": metrics, **provenance(cfg)}, indent=1))
+    record = _strict_json({"metrics": metrics, **provenance(cfg)})
+    (tmp / "metrics.json").write_text(json.dumps(record, indent=1, allow_nan=False))
     shutil.rmtree(directory, ignore_errors=True)
     tmp.rename(directory)
+
+
+def _strict_json(value):
+    """`value` with every float NaN / infinity (an undefined metric, e.g. "broken" when nothing was right) as
+    None, so metrics.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
 
 
 def load_unit(directory: Path) -> tuple[dict, dict]:

@@ -1,0 +1,58 @@
+"""Redraw paper Fig 33-35 (position probes on What'sUp composites) from results/whatsup_probes/<model>/whatsup/:
+fig33_<model>.png, an example test composite with its token grid and each item's box labelled by position
+(Fig 33), and whatsup_probes_<model>_whatsup.png, the probe's heat maps (Fig 34 Qwen, Fig 35 Gemma), plus
+summary.md."""
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+from probing.plots import draw_figure  # noqa: E402
+from vlm.results import find_units, load_unit  # noqa: E402
+
+POSITIONS = ("0 left object", "1 reference", "2 right object")
+
+
+def draw_boxes(unit: Path, path: Path) -> None:
+    """The unit's example test composite, token grid faint, item token boxes outlined and labelled."""
+    _, arrays = load_unit(unit)
+    image, boxes = arrays["horizontal.example_image"], arrays["horizontal.example_item_box"]
+    rows, cols = arrays["horizontal.argmax_map"].shape
+    height, width = image.shape[:2]
+    ppt_y, ppt_x = height / rows, width / cols
+    fig, ax = plt.subplots(figsize=(4, 4), layout="constrained")
+    ax.imshow(image)
+    for c in range(1, cols):
+        ax.axvline(c * ppt_x - 0.5, color="white", lw=0.4, alpha=0.6)
+    for r in range(1, rows):
+        ax.axhline(r * ppt_y - 0.5, color="white", lw=0.4, alpha=0.6)
+    colors = plt.get_cmap("tab10")
+    for k, (row0, col0, row1, col1) in enumerate(boxes):
+        ax.add_patch(Rectangle((col0 * ppt_x - 0.5, row0 * ppt_y - 0.5), (col1 - col0) * ppt_x, (row1 - row0) * ppt_y,
+                               fill=False, edgecolor=colors(k), lw=2))
+        ax.text(col0 * ppt_x + 3, row0 * ppt_y + 12, POSITIONS[k], color="white", fontsize=7,
+                bbox={"facecolor": colors(k), "alpha": 0.8, "pad": 1, "lw": 0})
+    ax.set_title(f"{unit.parent.name}: item boxes on the {rows} x {cols} token grid", fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    args = parser.parse_args()
+    code = draw_figure(args.results, args.out, "whatsup_probes", group=lambda m: "",
+                       script="scripts/fig33_whatsup_probes.sh")
+    if code == 0:
+        for unit in find_units(args.results, "whatsup_probes"):
+            draw_boxes(unit, args.out / f"fig33_{unit.parent.name}.png")
+    sys.exit(code)

@@ -1,0 +1,114 @@
+"""Redraw paper Table 3 (probe amplification against no intervention, random directions, ScalingVis and
+AdaptVis on What'sUp composites) from results/amplification/<model>/<setting>/metrics.json: table3.md,
+table3.json and one PNG of alpha curves per model and setting."""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from vlm.results import find_units  # noqa: E402
+
+LABELS = {"none": "None", "random": "Random amp.", "scalingvis": "ScalingVis", "adaptvis": "AdaptVis",
+          "probe": "Ordering amp."}
+ORDER = ["none", "random", "scalingvis", "adaptvis", "probe"]
+VALUE_NAME = {"random": "alpha", "probe": "alpha", "scalingvis": "coefficient", "adaptvis": "threshold"}
+METRICS = ("accuracy", "corrected", "broken")
+
+
+def pct(value) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}%"
+
+
+def rows(metrics: dict) -> list[tuple[str, dict]]:
+    """(label, test metrics at the value chosen on val) in the paper's order, one row per variant."""
+    table = metrics["table"]
+    out = []
+    for kind in ORDER:
+        for method in sorted(m for m in table if m.split(".")[0] == kind):
+            variant = method.partition(".")[2]
+            out.append((LABELS[kind] + (f" ({variant})" if variant and len(metrics["variants"]) > 1 else ""),
+                        {**table[method], "method": method}))
+    return out
+
+
+def markdown(units: list[tuple[str, str, dict]]) -> str:
+    lines = ["| model | setting | intervention | chosen on val | test acc. | % corr. fail. | % broken | n test |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, setting, metrics in units:
+        for label, m in rows(metrics):
+            kind = m["method"].split(".")[0]
+            chosen = f"{VALUE_NAME[kind]} {m['value']:g}" if "value" in m else "–"
+            corrected = "–" if kind == "none" else pct(m["corrected"])
+            broken = "–" if kind == "none" else pct(m["broken"])
+            sd = f" ± {m['accuracy_sd']:.2f}" if "accuracy_sd" in m else ""
+            lines.append(f"| {model} | {setting} | {label} | {chosen} | {m['accuracy']:.2f}{sd} | {corrected} | "
+                         f"{broken} | {m['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
+    """Accuracy, % corrected and % broken against alpha, val (dashed) and test (solid), probe and random
+    directions per variant; no intervention as a grey line; the chosen alpha marked."""
+    alphas = metrics["alphas"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True, layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    methods = [m for m in metrics["splits"]["test"] if m.split(".")[0] in ("probe", "random")]
+    for ax, key in zip(axes, METRICS, strict=True):
+        for k, method in enumerate(sorted(methods, key=lambda m: (m.partition(".")[2], m))):
+            for split, style in (("val", "--"), ("test", "-")):
+                curve = metrics["splits"][split][method]["curve"]
+                label = f"{method} {split}" if key == "accuracy" else None
+                ax.plot(alphas, [c[key] for c in curve], style, color=colors[k % len(colors)], marker=".",
+                        label=label)
+            if key == "accuracy" and method.startswith("random"):
+                curve = metrics["splits"]["test"][method]["curve"]
+                ax.fill_between(alphas, [c["accuracy"] - c["accuracy_sd"] for c in curve],
+                                [c["accuracy"] + c["accuracy_sd"] for c in curve], color=colors[k % len(colors)],
+                                alpha=0.15, linewidth=0)
+            ax.axvline(metrics["chosen"][method], color=colors[k % len(colors)], linestyle=":", linewidth=1)
+        if key == "accuracy":
+            for split, style in (("val", "--"), ("test", "-")):
+                ax.axhline(metrics["splits"][split]["none"]["accuracy"], color="grey", linestyle=style,
+                           label=f"none {split}")
+        ax.set_xlabel("alpha")
+        ax.set_title({"accuracy": "accuracy", "corrected": "previously wrong, now right",
+                      "broken": "previously right, now wrong"}[key], fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=6)
+    fig.suptitle(f"{model} {setting}: amplification (dotted: alpha chosen on val)", fontsize=10)
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def main(results: Path, out: Path) -> int:
+    found = find_units(results, "amplification")
+    if not found:
+        print(f"error: no amplification results under {Path(results) / 'amplification'}; run "
+              f"scripts/table3_amplification.sh first", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    units = [(u.parent.name, u.name, json.loads((u / "metrics.json").read_text())["metrics"]) for u in found]
+    table = markdown(units)
+    (out / "table3.md").write_text(table)
+    (out / "table3.json").write_text(json.dumps(
+        [{"model": mo, "setting": s, "intervention": label, **m} for mo, s, metrics in units
+         for label, m in rows(metrics)], indent=1))
+    for model, setting, metrics in units:
+        draw_curves(model, setting, metrics, out / f"table3_{model}_{setting}_alpha.png")
+    print(table + f"\n{len(units)} curve figures written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--results", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
+    args = parser.parse_args()
+    sys.exit(main(args.results, args.out))
