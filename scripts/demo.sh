@@ -14,5 +14,12 @@ figure fig08_ablated_patching n_pairs=4
 figure fig04_probes n_train=12 n_test=6 embeddings_dir=demo/embeddings
 figure fig31_grid_probes n_train=12 n_test=6 embeddings_dir=demo/embeddings
 PY=${PYTHON:-python}
+# What'sUp is not shipped: the demo makes stand-in photographs in its layout (data_gen/whatsup.py)
+[ -d demo/whatsup_stand_in ] || "$PY" -m data_gen.whatsup stand_in demo/whatsup_stand_in
+whatsup=(data.whatsup_dir=demo/whatsup_stand_in embeddings_dir=demo/embeddings)
+figure table1_accuracy setting=whatsup data.whatsup_dir=demo/whatsup_stand_in
+figure fig33_whatsup_probes "${whatsup[@]}"
+figure table3_amplification "${whatsup[@]}" 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
+  'adaptvis.thresholds=[0.5]'
 "$PY" -m patching.benchmark model=tiny_qwen2vl n_pairs=4 device=cpu results_dir=demo/results
 echo "demo finished: results in demo/results, figures in demo/figures"
