@@ -106,7 +106,7 @@ def report(figures: dict) -> str:
     return "\n".join([head, *rows, tail])
 
 
-@entrypoint("benchmark")
+@entrypoint(experiment="benchmark")
 def main(cfg: DictConfig) -> None:
     figures = run(cfg)
     print(report(figures))

@@ -17,7 +17,6 @@ split; labels are the items' positions (0 left object, 1 reference, 2 right obje
 """
 
 import functools
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,13 +198,10 @@ def run(cfg: DictConfig) -> None:
     print(f"-> {out}")
 
 
-@entrypoint()
+@entrypoint(experiment="probes")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
-    # the root config's default experiment is accuracy; this command's is probes
-    if not any(arg.lstrip("+").startswith("experiment=") for arg in sys.argv[1:]):
-        sys.argv.append("experiment=probes")
     main()

@@ -16,7 +16,6 @@ SPEC 5), saved under results/amplification/<model>/whatsup/.
 
 import functools
 import math
-import sys
 
 import numpy as np
 import torch
@@ -216,13 +215,10 @@ def run(cfg: DictConfig) -> None:
     print(f"-> {out}")
 
 
-@entrypoint()
+@entrypoint(experiment="amplification")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
 
 if __name__ == "__main__":
-    # the root config's default experiment is accuracy; this command's is amplification
-    if not any(arg.lstrip("+").startswith("experiment=") for arg in sys.argv[1:]):
-        sys.argv.append("experiment=amplification")
     main()

@@ -17,22 +17,28 @@ class UsageError(Exception):
     """Bad input from the user (a value that is not allowed, a missing path). Printed as one line, exit code 2."""
 
 
-def entrypoint(config_name: str = "config"):
-    """Decorate `fn(cfg)` into a Hydra main over `configs/<config_name>.yaml`.
+def entrypoint(config_name: str = "config", experiment: str | None = None):
+    """Decorate `fn(cfg)` into a command over `configs/<config_name>.yaml` (Hydra).
 
+    `experiment`, when given, is the command's default `experiment=` (the root config's is accuracy).
     A `UsageError` raised inside prints `error: <message>` on stderr and exits with code 2, before any
     result is written (results are only ever written whole, see vlm.results).
     """
 
     def wrap(fn):
         @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
-        @functools.wraps(fn)
-        def main(cfg: DictConfig):
+        def hydra_main(cfg: DictConfig):
             try:
                 return fn(cfg)
             except UsageError as err:
                 print(f"error: {err}", file=sys.stderr)
                 sys.exit(2)
+
+        @functools.wraps(fn)
+        def main():
+            if experiment and not any(arg.lstrip("+").startswith("experiment=") for arg in sys.argv[1:]):
+                sys.argv.append(f"experiment={experiment}")
+            return hydra_main()
 
         return main
 
