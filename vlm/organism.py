@@ -101,8 +101,13 @@ def train(cfg: DictConfig) -> dict:
     adapter.fit_image_processor(image_processor, grid)
     tokenizer.padding_side = "left"
     torch.manual_seed(cfg.seed)
-    model = adapter.model_class._from_config(config, attn_implementation=mcfg.attn_implementation)
-    initialise_zero_weights(model, config)
+    if tcfg.init_from:          # go on from an earlier run's checkpoint (same architecture and tokenizer)
+        model = adapter.model_class.from_pretrained(tcfg.init_from, attn_implementation=mcfg.attn_implementation)
+        if model.get_input_embeddings().num_embeddings != config.text_config.vocab_size:
+            raise UsageError(f"train.init_from={tcfg.init_from} has another vocabulary than model {mcfg.name}")
+    else:
+        model = adapter.model_class._from_config(config, attn_implementation=mcfg.attn_implementation)
+        initialise_zero_weights(model, config)
     model.to(device).train()
 
     settings = {name: Setting.from_config(OmegaConf.load(Path(CONFIG_DIR) / "setting" / f"{name}.yaml"))
@@ -133,7 +138,7 @@ def train(cfg: DictConfig) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
             "data": {name: {"train_questions": len(splits[name][0]), "test_questions": len(splits[name][1]),
                             "held_out_fraction": tcfg.held_out} for name in settings},
-            "steps": step, "planned_steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
+            "steps": step, "planned_steps": tcfg.steps, "init_from": tcfg.init_from, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
             "seed": cfg.seed, "device": str(device), "seconds": round(time.time() - start, 1),
             "held_out": report, "history": history, "provenance": provenance(cfg),
         }
