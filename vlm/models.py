@@ -156,7 +156,7 @@ def load_model(cfg: DictConfig) -> VLM:
                                                      attn_implementation=mcfg.attn_implementation)
         initialise_zero_weights(model, config)
     else:
-        path = str(ensure_twin(mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path)
+        path = str(ensure_twin(mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path, mcfg.get("made_by"))
         tokenizer, image_processor, model = _from_pretrained(adapter, path, mcfg, device, dtype)
     model.eval().requires_grad_(False)
     tokenizer.padding_side = "left"
@@ -166,12 +166,14 @@ def load_model(cfg: DictConfig) -> VLM:
     return vlm
 
 
-def _checked_path(path: str) -> str:
+def _checked_path(path: str, made_by: str | None = None) -> str:
     local = Path(path).expanduser()
     if local.exists():
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise UsageError(f"model.path {path!r} does not exist; give a local checkpoint directory or a hub id like Org/Name")
+        how = f"; it is made by `{made_by}`" if made_by else ""
+        raise UsageError(f"model.path {path!r} does not exist{how}; give a local checkpoint directory or a hub id "
+                         f"like Org/Name")
     return path
 
 
