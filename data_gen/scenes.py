@@ -121,6 +121,21 @@ def line_boxes(grid: Grid, layout: Layout, orientation: str, n_items: int = 3,
     return boxes
 
 
+def line_offsets(grid: Grid, layout: Layout, orientation: str, n_items: int = 3) -> list[tuple[int, int]]:
+    """Every (d_row, d_col) shift of the centred line of items for which the items and their strips still fit
+    the grid, (0, 0) included. Qwen2-VL horizontal: d_row in [-5, 5], d_col in [-1, 1]."""
+    shifts = []
+    for d_row in range(-grid.rows, grid.rows + 1):
+        for d_col in range(-grid.cols, grid.cols + 1):
+            try:
+                for box in line_boxes(grid, layout, orientation, n_items, offset=(d_row, d_col)):
+                    strip_box(grid, layout, box, orientation)
+            except LayoutError:
+                continue
+            shifts.append((d_row, d_col))
+    return shifts
+
+
 def strip_box(grid: Grid, layout: Layout, item_box: TokenBox, orientation: str) -> TokenBox:
     """The strip of an item: a full-height column band (horizontal) or full-width row band (vertical) of
     `strip_tokens` tokens centred on the item (the odd leftover token goes right / below).

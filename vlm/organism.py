@@ -7,7 +7,9 @@ synthetic settings' questions, so that the experiments have a real mechanism to 
 
 Data: every ordered triple of distinct items of each setting in `train.settings`, both orientations, both
 directions of each. A seeded `train.held_out` fraction of each setting's triples is never trained on: the
-test split. Loss: cross-entropy of the answer's first token at the last input position.
+test split. With `train.offsets`, every training question is redrawn with the whole line of items shifted by a
+random whole-token offset that still fits the grid (the test split keeps the centred layout the experiments
+use), so memorising a triple's image does not answer the question. Loss: cross-entropy of the answer's first token at the last input position.
 Writes the model, tokenizer, image processor and `card.json` (data, steps, seed, time, held-out accuracy per
 setting and direction) into `out`, whole (a temporary directory, renamed at the end).
 """
@@ -27,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from data_gen.render import draw_scene
-from data_gen.scenes import Grid, Layout
+from data_gen.scenes import Grid, Layout, line_offsets
 from data_gen.settings import DIRECTIONS_OF, Setting
 from vlm.cli import CONFIG_DIR, UsageError, entrypoint
 from vlm.models import resolve_device
@@ -119,11 +121,18 @@ def train(cfg: DictConfig) -> dict:
     target = {s.answer: tokenizer(s.answer, add_special_tokens=False)["input_ids"][0] for s in train_set}
     pixels = CachedImageProcessor(image_processor)
     n_tokens = grid.rows * grid.cols
+    offsets = {o: line_offsets(grid, layout, o) for o in DIRECTIONS_OF}
 
-    def encode(samples):
+    def encode(samples, processor=pixels):
         texts = [tokenizer.apply_chat_template(chat_messages(cfg.system_prompt, s.prompt), add_generation_prompt=True,
                                                tokenize=False) for s in samples]
-        return adapter.encode(tokenizer, pixels, [s.image for s in samples], texts, n_tokens).to(device)
+        return adapter.encode(tokenizer, processor, [s.image for s in samples], texts, n_tokens).to(device)
+
+    def shifted(sample):
+        """`sample` redrawn with its line of items at a random offset (fresh images are not cached)."""
+        d_row, d_col = offsets[sample.orientation][rng.integers(len(offsets[sample.orientation]))]
+        return draw_scene(settings[sample.setting], grid, layout, sample.orientation,
+                          [item.name for item in sample.items], sample.direction, offset=(d_row, d_col))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / tcfg.warmup_steps)
@@ -138,7 +147,7 @@ def train(cfg: DictConfig) -> dict:
             "parameters": sum(p.numel() for p in model.parameters()),
             "data": {name: {"train_questions": len(splits[name][0]), "test_questions": len(splits[name][1]),
                             "held_out_fraction": tcfg.held_out} for name in settings},
-            "steps": step, "planned_steps": tcfg.steps, "init_from": tcfg.init_from, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
+            "steps": step, "planned_steps": tcfg.steps, "init_from": tcfg.init_from, "offsets": tcfg.offsets, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
             "seed": cfg.seed, "device": str(device), "seconds": round(time.time() - start, 1),
             "held_out": report, "history": history, "provenance": provenance(cfg),
         }
@@ -150,7 +159,10 @@ def train(cfg: DictConfig) -> dict:
     progress = tqdm(range(tcfg.steps), desc="training the organism", unit="step")
     for step in progress:
         batch = [train_set[i] for i in rng.choice(len(train_set), tcfg.batch_size, replace=False)]
-        logits = model(**encode(batch), logits_to_keep=1).logits[:, -1]
+        if tcfg.offsets:
+            batch = [shifted(s) for s in batch]
+        logits = model(**(encode(batch, image_processor) if tcfg.offsets else encode(batch)),
+                       logits_to_keep=1).logits[:, -1]
         loss = F.cross_entropy(logits.float(), torch.tensor([target[s.answer] for s in batch], device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
