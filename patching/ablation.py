@@ -12,15 +12,6 @@ from data_gen.settings import Setting
 from vlm.models import VLM
 
 
-def image_embeddings(vlm: VLM, images, batch_size: int) -> torch.Tensor:
-    """(n, tokens, hidden) visual embeddings of `images` on the model's device, computed in batches."""
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        out.append(vlm.visual_tokens(vlm.encode(chunk, [""] * len(chunk))))
-    return torch.cat(out)
-
-
 class Ablator:
     """Builds ablated visual embeddings for samples of one setting, computing the embeddings of each isolated
     item image (one per orientation and item) and of the empty image once."""
@@ -31,18 +22,21 @@ class Ablator:
         self._empty: torch.Tensor | None = None
 
     def prepare(self, samples: list[Sample]) -> None:
-        """Embed every isolated-item image and the empty image that `samples` need and are not cached yet."""
+        """Embed every isolated-item image and the empty image that `samples` need and are not cached yet
+        (only samples with an item not seen before have their source images drawn)."""
         todo: dict[tuple[str, str], object] = {}
         for sample in samples:
+            keys = [(sample.orientation, item.name) for item in sample.items]
+            if all(key in self._isolated or key in todo for key in keys) and self._empty is not None:
+                continue
             sources = ablation_sources(sample, self.setting, self.grid, self.layout)
-            for item, alone in zip(sample.items, sources.isolated, strict=True):
-                key = (sample.orientation, item.name)
+            for key, alone in zip(keys, sources.isolated, strict=True):
                 if key not in self._isolated:
                     todo[key] = alone.image
             if self._empty is None:
-                self._empty = image_embeddings(self.vlm, [sources.empty], 1)[0]
+                self._empty = self.vlm.image_embeddings([sources.empty], 1)[0]
         if todo:
-            embedded = image_embeddings(self.vlm, list(todo.values()), self.batch_size)
+            embedded = self.vlm.image_embeddings(list(todo.values()), self.batch_size)
             self._isolated.update(zip(todo, embedded, strict=True))
 
     def ablated(self, sample: Sample) -> torch.Tensor:

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from data_gen.pairs import shape_grid
 from data_gen.render import Sample, draw_scene
@@ -144,14 +143,9 @@ def samples_to_embeddings(samples: list[Sample], tokens: np.ndarray, grid: Grid)
 
 
 def extract_tokens(vlm, samples: list[Sample], batch_size: int, dtype: str, desc: str) -> np.ndarray:
-    """(n_images, n_tokens, hidden) visual embeddings of `samples`' images, batched. The prompt is empty:
-    the vision tower and projector see only the pixels."""
-    out = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
-        batch = samples[start:start + batch_size]
-        inputs = vlm.encode([s.image for s in batch], [""] * len(batch))
-        out.append(vlm.visual_tokens(inputs).float().cpu().numpy().astype(dtype))
-    return np.concatenate(out)
+    """(n_images, n_tokens, hidden) visual embeddings of `samples`' images (VLM.image_embeddings), as `dtype`."""
+    tokens = vlm.image_embeddings([s.image for s in samples], batch_size, desc=desc, device="cpu")
+    return tokens.float().numpy().astype(dtype)
 
 
 def split_path(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,

@@ -13,7 +13,7 @@ from data_gen.pairs import empty_image, isolated_middle_image, mirror_pairs
 from data_gen.render import random_samples
 from data_gen.scenes import line_boxes, token_indices
 from data_gen.settings import Setting
-from patching.ablation import Ablator, image_embeddings
+from patching.ablation import Ablator
 from patching.engine import PatchingEngine
 from patching.experiments import ablation, last_token, mirror_patching, mirror_plan
 from patching.interventions import VISUAL
@@ -75,14 +75,14 @@ def test_ablated_embeddings_hold_items_not_positions(twin):
     first = pair.clean.items[0]
     alone = isolated_middle_image(setting, grid, twin.layout, orientation, first.name)
     torch.testing.assert_close(clean[token_indices(grid, first.token_box)],
-                               image_embeddings(twin, [alone.image], 1)[0, middle])
+                               twin.image_embeddings([alone.image], 1)[0, middle])
     left, right = (token_indices(grid, pair.clean.items[k].token_box) for k in (0, 2))
     torch.testing.assert_close(clean[left], mirror[right])          # item a, wherever it stands
     original = twin.visual_tokens(twin.encode([pair.clean.image], [pair.clean.prompt]))[0]
     assert not torch.allclose(clean[left], original[left], atol=1e-4)
     item_tokens = {k for item in pair.clean.items for k in token_indices(grid, item.token_box)}
     background = [k for k in range(grid.n_tokens) if k not in item_tokens]
-    empty = image_embeddings(twin, [empty_image(grid)], 1)[0]
+    empty = twin.image_embeddings([empty_image(grid)], 1)[0]
     torch.testing.assert_close(clean[background], empty[background])
     # so swapping the side items' ablated embeddings leaves the clean run as it was
     scorer = AnswerScorer(twin.tokenizer, setting.candidates)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 
 from data_gen.scenes import Grid, Layout
@@ -109,6 +110,18 @@ class VLM:
                        lambda output: self.adapter.visual_embeddings_from_tokens(visual_tokens, output))
         with hooks(replace):
             return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+
+    @torch.no_grad()
+    def image_embeddings(self, images, batch_size: int, desc: str | None = None, device=None) -> torch.Tensor:
+        """(n, tokens, hidden) visual embeddings of `images`, `batch_size` images per forward of the vision tower
+        and projector (the prompt is empty: they see only the pixels). Each batch's result is moved to `device`
+        (default: stays on the model's); `desc` shows a progress bar."""
+        out = []
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
+            chunk = list(images[start:start + batch_size])
+            tokens = self.visual_tokens(self.encode(chunk, [""] * len(chunk)))
+            out.append(tokens if device is None else tokens.to(device))
+        return torch.cat(out)
 
     @torch.no_grad()
     def visual_tokens(self, inputs) -> torch.Tensor:
