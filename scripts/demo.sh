@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The demo: every experiment that exists, on both tiny offline twins, on CPU, with small sizes. Results under
-# demo/results, figures under demo/figures. Extra arguments go to every figure script.
+# The demo: every experiment that exists, on the model organism (vlm/organism/, a small Qwen2-VL trained on the
+# synthetic settings, shipped in the repository), on CPU, offline. Results under demo/results, figures under
+# demo/figures. Extra arguments go to every figure script (e.g. model=tiny_qwen2vl,tiny_gemma3 for the
+# untrained twins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-common=(model=tiny_qwen2vl,tiny_gemma3 results_dir=demo/results device=cpu "$@")
+common=(model=organism results_dir=demo/results device=cpu "$@")
 figure() { local name=$1; shift; bash "scripts/$name.sh" "${common[@]}" figures_dir="demo/figures/$name" "$@"; }
-figure table1_accuracy n=32
-figure fig02_last_token n_pairs=4
-figure fig06_object_patching n_pairs=4
-figure fig07_strip_patching n_pairs=4
-figure table2_ablation n=16
-figure fig08_ablated_patching n_pairs=4
-figure fig04_probes n_train=12 n_test=6 embeddings_dir=demo/embeddings
-figure fig31_grid_probes n_train=12 n_test=6 embeddings_dir=demo/embeddings
+figure table1_accuracy n=96
+figure fig02_last_token n_pairs=12
+figure fig06_object_patching n_pairs=12
+figure fig07_strip_patching n_pairs=12
+figure table2_ablation n=48
+figure fig08_ablated_patching n_pairs=12
+figure fig04_probes n_train=60 n_test=20 embeddings_dir=demo/embeddings
+figure fig31_grid_probes n_train=30 n_test=10 embeddings_dir=demo/embeddings
 PY=${PYTHON:-python}
 # What'sUp is not shipped: the demo makes stand-in photographs in its layout (data_gen/whatsup.py)
 [ -d demo/whatsup_stand_in ] || "$PY" -m data_gen.whatsup stand_in demo/whatsup_stand_in
@@ -21,5 +23,5 @@ figure table1_accuracy setting=whatsup data.whatsup_dir=demo/whatsup_stand_in
 figure fig33_whatsup_probes "${whatsup[@]}"
 figure table3_amplification "${whatsup[@]}" 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
   'adaptvis.thresholds=[0.5]'
-"$PY" -m patching.benchmark model=tiny_qwen2vl n_pairs=4 device=cpu results_dir=demo/results
+"$PY" -m patching.benchmark model=organism n_pairs=4 device=cpu results_dir=demo/results
 echo "demo finished: results in demo/results, figures in demo/figures"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fig 2, 11, 12: the last_token experiment on every model and setting, then the figure (figures/fig02_last_token/).
 #   bash scripts/fig02_last_token.sh                                          # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/fig02_last_token.sh model=tiny_qwen2vl n_pairs=4          # CPU smoke run
+#   bash scripts/fig02_last_token.sh model=organism n_pairs=4          # CPU smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

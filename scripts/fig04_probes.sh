@@ -2,8 +2,8 @@
 # Fig 4, 19-30: horizontal and vertical position probes on every model and setting, then the heat maps
 # (figures/fig04_probes/).
 #   bash scripts/fig04_probes.sh                                              # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/fig04_probes.sh model=tiny_qwen2vl device=cpu                # CPU smoke run (90/30 images)
-#   bash scripts/fig04_probes.sh model=tiny_gemma3 n_train=30 n_test=10       # smaller still
+#   bash scripts/fig04_probes.sh model=organism device=cpu                # CPU smoke run (90/30 images)
+#   bash scripts/fig04_probes.sh model=organism n_train=30 n_test=10       # smaller still
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fig 7, 15, 16: the strip_patching experiment on every model and setting, then the figure (figures/fig07_strip_patching/).
 #   bash scripts/fig07_strip_patching.sh                                          # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/fig07_strip_patching.sh model=tiny_qwen2vl n_pairs=4          # CPU smoke run
+#   bash scripts/fig07_strip_patching.sh model=organism n_pairs=4          # CPU smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fig 8, 17, 18: the ablated_patching experiment on every model and setting, then the figure (figures/fig08_ablated_patching/).
 #   bash scripts/fig08_ablated_patching.sh                                          # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/fig08_ablated_patching.sh model=tiny_qwen2vl n_pairs=4          # CPU smoke run
+#   bash scripts/fig08_ablated_patching.sh model=organism n_pairs=4          # CPU smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

@@ -3,7 +3,7 @@
 # position), then the example composite with its boxes and the heat maps (figures/fig33_whatsup_probes/).
 #   bash scripts/fig33_whatsup_probes.sh data.whatsup_dir=DIR                     # qwen2vl_7b and gemma3_4b, GPU
 #   python -m data_gen.whatsup stand_in /tmp/whatsup_stand_in
-#   bash scripts/fig33_whatsup_probes.sh model=tiny_gemma3 data.whatsup_dir=/tmp/whatsup_stand_in device=cpu
+#   bash scripts/fig33_whatsup_probes.sh model=organism data.whatsup_dir=/tmp/whatsup_stand_in device=cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

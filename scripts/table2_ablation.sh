@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Table 2, Table 5: the ablation experiment on every model and setting, then the figure (figures/table2_ablation/).
 #   bash scripts/table2_ablation.sh                                          # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/table2_ablation.sh model=tiny_qwen2vl n=16              # CPU smoke run
+#   bash scripts/table2_ablation.sh model=organism n=16              # CPU smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

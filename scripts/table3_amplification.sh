@@ -4,7 +4,7 @@
 # What'sUp is not shipped: see figures/table3_amplification/README.md for how to get it.
 #   bash scripts/table3_amplification.sh data.whatsup_dir=DIR                    # qwen2vl_7b and gemma3_4b, GPU
 #   python -m data_gen.whatsup stand_in /tmp/whatsup_stand_in                    # stand-in photos, then:
-#   bash scripts/table3_amplification.sh model=tiny_qwen2vl data.whatsup_dir=/tmp/whatsup_stand_in \
+#   bash scripts/table3_amplification.sh model=organism data.whatsup_dir=/tmp/whatsup_stand_in \
 #        alphas=[1,2] random_seeds=[0] device=cpu                                # CPU smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."

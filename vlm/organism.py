@@ -27,15 +27,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from data_gen.render import draw_scene
 from data_gen.scenes import Grid, Layout, line_offsets
 from data_gen.settings import DIRECTIONS_OF, Setting
+from vlm.accuracy import accuracy_metrics, score_samples
 from vlm.cli import CONFIG_DIR, UsageError, entrypoint
-from vlm.models import resolve_device
+from vlm.models import VLM, load_model, resolve_device
 from vlm.results import provenance
 from vlm.scoring import AnswerScorer
-from vlm.twins import build_parts, chat_messages, initialise_zero_weights
+from vlm.twins import build_parts, initialise_zero_weights
 
 
 def question_splits(setting: Setting, grid: Grid, layout: Layout, held_out: float, seed: int):
@@ -72,25 +74,35 @@ class CachedImageProcessor:
         return self._cache[key]
 
 
-def evaluate(model, encode, scorers, test: dict, batch_size: int) -> dict:
-    """Held-out accuracy per setting, overall and per queried direction."""
-    model.eval()
+def held_out_accuracy(vlm: VLM, settings: dict, test: dict, batch_size: int) -> dict:
+    """Accuracy on each setting's test split (`test`: setting name -> Samples), overall, per queried direction and
+    per orientation, scored as `python -m vlm.accuracy` scores (vlm.accuracy)."""
+    was_training = vlm.model.training
+    vlm.model.eval()
     report = {}
     with torch.no_grad():
         for name, samples in test.items():
-            correct = []
-            for start in range(0, len(samples), batch_size):
-                batch = samples[start:start + batch_size]
-                logits = model(**encode(batch), logits_to_keep=1).logits[:, -1]
-                predicted = scorers[name].predict(logits).tolist()
-                correct += [scorers[name].candidates[p] == s.answer for p, s in zip(predicted, batch, strict=True)]
-            correct = np.array(correct)
-            directions = np.array([s.direction for s in samples])
-            report[name] = {"n": len(samples), "accuracy": float(correct.mean()),
-                            "by_direction": {d: float(correct[directions == d].mean())
-                                             for d in ("left", "right", "above", "below")}}
-    model.train()
+            scorer = AnswerScorer(vlm.tokenizer, settings[name].candidates)
+            probs, greedy = score_samples(vlm, scorer, samples, batch_size, desc=f"held-out {name}")
+            metrics = accuracy_metrics(samples, probs, scorer.candidates, greedy)
+            report[name] = {key: metrics[key] for key in ("n", "accuracy", "by_direction", "by_orientation", "chance")}
+    vlm.model.train(was_training)
     return report
+
+
+def question_sets(cfg: DictConfig, grid: Grid, layout: Layout) -> tuple[dict, dict]:
+    """(setting name -> Setting, setting name -> (train, test) questions) for the settings in `cfg.train.settings`."""
+    settings = {name: Setting.from_config(OmegaConf.load(Path(CONFIG_DIR) / "setting" / f"{name}.yaml"))
+                for name in cfg.train.settings}
+    return settings, {name: question_splits(setting, grid, layout, cfg.train.held_out, cfg.seed)
+                      for name, setting in settings.items()}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """The held-out accuracy of the model at `cfg.model.path` (the numbers of its card), without training."""
+    vlm = load_model(cfg)
+    settings, splits = question_sets(cfg, vlm.grid, vlm.layout)
+    return held_out_accuracy(vlm, settings, {name: test for name, (_, test) in splits.items()}, cfg.batch_size)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -112,27 +124,28 @@ def train(cfg: DictConfig) -> dict:
         initialise_zero_weights(model, config)
     model.to(device).train()
 
-    settings = {name: Setting.from_config(OmegaConf.load(Path(CONFIG_DIR) / "setting" / f"{name}.yaml"))
-                for name in tcfg.settings}
-    splits = {name: question_splits(s, grid, layout, tcfg.held_out, cfg.seed) for name, s in settings.items()}
-    train_set = [sample for name in settings for sample in splits[name][0]]
-    test = {name: splits[name][1] for name in settings}
-    scorers = {name: AnswerScorer(tokenizer, s.candidates) for name, s in settings.items()}
+    settings, splits = question_sets(cfg, grid, layout)
+    train_set = [sample for train_split, _ in splits.values() for sample in train_split]
+    test = {name: test_split for name, (_, test_split) in splits.items()}
+    by_image: dict[str, list] = {}          # an image's questions (both queried directions of its orientation)
+    for sample in train_set:
+        by_image.setdefault(sample.id.rsplit("_", 1)[0], []).append(sample)
+    train_images = list(by_image.values())
+    n_images = max(1, tcfg.batch_size // len(train_images[0]))
     target = {s.answer: tokenizer(s.answer, add_special_tokens=False)["input_ids"][0] for s in train_set}
-    pixels = CachedImageProcessor(image_processor)
-    n_tokens = grid.rows * grid.cols
+    # the model under training, seen as the experiments see a loaded one (`vlm`, which evaluation uses), and
+    # with the fixed images' pixels cached for the training steps (`trained`)
+    pixels = image_processor if tcfg.offsets else CachedImageProcessor(image_processor)
+    vlm = VLM(mcfg.name, adapter, model, tokenizer, image_processor, grid, layout, cfg.system_prompt)
+    trained = VLM(mcfg.name, adapter, model, tokenizer, pixels, grid, layout, cfg.system_prompt)
     offsets = {o: line_offsets(grid, layout, o) for o in DIRECTIONS_OF}
 
-    def encode(samples, processor=pixels):
-        texts = [tokenizer.apply_chat_template(chat_messages(cfg.system_prompt, s.prompt), add_generation_prompt=True,
-                                               tokenize=False) for s in samples]
-        return adapter.encode(tokenizer, processor, [s.image for s in samples], texts, n_tokens).to(device)
-
-    def shifted(sample):
-        """`sample` redrawn with its line of items at a random offset (fresh images are not cached)."""
-        d_row, d_col = offsets[sample.orientation][rng.integers(len(offsets[sample.orientation]))]
-        return draw_scene(settings[sample.setting], grid, layout, sample.orientation,
-                          [item.name for item in sample.items], sample.direction, offset=(d_row, d_col))
+    def shifted(group):
+        """The questions of one image, redrawn with its line of items at one random offset."""
+        first = group[0]
+        d_row, d_col = offsets[first.orientation][rng.integers(len(offsets[first.orientation]))]
+        return [draw_scene(settings[s.setting], grid, layout, s.orientation, [item.name for item in s.items],
+                           s.direction, offset=(d_row, d_col)) for s in group]
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / tcfg.warmup_steps)
@@ -145,8 +158,8 @@ def train(cfg: DictConfig) -> dict:
         card = {
             "model": mcfg.name, "class": adapter.model_class.__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "data": {name: {"train_questions": len(splits[name][0]), "test_questions": len(splits[name][1]),
-                            "held_out_fraction": tcfg.held_out} for name in settings},
+            "data": {name: {"train_questions": len(train_split), "test_questions": len(test_split),
+                            "held_out_fraction": tcfg.held_out} for name, (train_split, test_split) in splits.items()},
             "steps": step, "planned_steps": tcfg.steps, "init_from": tcfg.init_from, "offsets": tcfg.offsets, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
             "seed": cfg.seed, "device": str(device), "seconds": round(time.time() - start, 1),
             "held_out": report, "history": history, "provenance": provenance(cfg),
@@ -155,14 +168,27 @@ def train(cfg: DictConfig) -> dict:
         model.to(device).train()
         return card
 
+    def logits_of(images: list[list]) -> torch.Tensor:
+        """Last-position logits of every question of `images` (lists of questions on one image each): the
+        vision tower runs once per image, its output shared by that image's questions."""
+        questions = [s for group in images for s in group]
+        inputs = trained.encode([s.image for s in questions], [s.prompt for s in questions])
+        shown = pixels([group[0].image for group in images], return_tensors="pt")
+        features = model.model.get_image_features(pixel_values=shown["pixel_values"].to(device),
+                                                  image_grid_thw=shown["image_grid_thw"].to(device)).pooler_output
+        shared = tuple(tokens for tokens, group in zip(features, images, strict=True) for _ in group)
+        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        return model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=shared)},
+                     logits_to_keep=1).logits[:, -1]
+
     card = None
     progress = tqdm(range(tcfg.steps), desc="training the organism", unit="step")
     for step in progress:
-        batch = [train_set[i] for i in rng.choice(len(train_set), tcfg.batch_size, replace=False)]
+        images = [train_images[i] for i in rng.choice(len(train_images), n_images, replace=False)]
         if tcfg.offsets:
-            batch = [shifted(s) for s in batch]
-        logits = model(**(encode(batch, image_processor) if tcfg.offsets else encode(batch)),
-                       logits_to_keep=1).logits[:, -1]
+            images = [shifted(group) for group in images]
+        batch = [s for group in images for s in group]
+        logits = logits_of(images)
         loss = F.cross_entropy(logits.float(), torch.tensor([target[s.answer] for s in batch], device=device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -171,7 +197,7 @@ def train(cfg: DictConfig) -> dict:
         schedule.step()
         progress.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.steps:
-            report = evaluate(model, encode, scorers, test, tcfg.batch_size)
+            report = held_out_accuracy(vlm, settings, test, tcfg.batch_size)
             history.append({"step": step + 1, "loss": loss.item(), "seconds": round(time.time() - start, 1),
                             "held_out_accuracy": {k: v["accuracy"] for k, v in report.items()}})
             tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, held-out accuracy "
@@ -197,6 +223,9 @@ def save(model, tokenizer, image_processor, card: dict, out: Path) -> None:
 
 @entrypoint("organism")
 def main(cfg: DictConfig) -> None:
+    if cfg.evaluate:
+        print(json.dumps(evaluate(cfg), indent=1))
+        return
     card = train(cfg)
     print(json.dumps(card["held_out"], indent=1))
     print(f"organism saved to {cfg.out}")
