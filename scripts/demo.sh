@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: every experiment that exists, on the model organism (vlm/organism/, a small Qwen2-VL trained on the
+# The demo: every experiment that exists, at the paper's sizes for accuracy and probes and 24 pairs per patching
+# sweep, on the model organism (vlm/organism/, a small Qwen2-VL trained on the
 # synthetic settings, shipped in the repository), on CPU, offline. Results under demo/results, figures under
 # demo/figures. Extra arguments go to every figure script (e.g. model=tiny_qwen2vl,tiny_gemma3 for the
 # untrained twins).
@@ -7,14 +8,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 common=(model=organism results_dir=demo/results device=cpu "$@")
 figure() { local name=$1; shift; bash "scripts/$name.sh" "${common[@]}" figures_dir="demo/figures/$name" "$@"; }
-figure table1_accuracy n=96
-figure fig02_last_token n_pairs=12
-figure fig06_object_patching n_pairs=12
-figure fig07_strip_patching n_pairs=12
-figure table2_ablation n=48
-figure fig08_ablated_patching n_pairs=12
-figure fig04_probes n_train=60 n_test=20 embeddings_dir=demo/embeddings
-figure fig31_grid_probes n_train=30 n_test=10 embeddings_dir=demo/embeddings
+figure table1_accuracy
+figure fig02_last_token n_pairs=24
+figure fig06_object_patching n_pairs=24
+figure fig07_strip_patching n_pairs=24
+figure table2_ablation n=96
+figure fig08_ablated_patching n_pairs=24
+figure fig04_probes embeddings_dir=demo/embeddings
+figure fig31_grid_probes embeddings_dir=demo/embeddings
 PY=${PYTHON:-python}
 # What'sUp is not shipped: the demo makes stand-in photographs in its layout (data_gen/whatsup.py)
 [ -d demo/whatsup_stand_in ] || "$PY" -m data_gen.whatsup stand_in demo/whatsup_stand_in

@@ -1,13 +1,23 @@
-"""The organism's training script: its data split and a two-step run that saves a model the loader reads
-back through from_pretrained (the organism's own scientific behaviour is pinned once its weights ship)."""
+"""The organism: its training script (data split, a two-step run that saves a model the loader reads back
+through from_pretrained) and the shipped organism's scientific behaviour, as observed and written in its card,
+so that a pipeline change that stops the experiments from detecting it fails here."""
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
+from data_gen.pairs import mirror_pairs
 from data_gen.scenes import Grid, Layout, line_boxes, line_offsets, strip_box
 from data_gen.settings import Setting
+from patching.experiments import EXPERIMENTS
+from patching.interventions import edit_visual_tokens
 from tests.conftest import make_cfg
 from vlm.models import load_model
-from vlm.organism import question_splits, train
+from vlm.organism import evaluate, question_splits, train
+from vlm.scoring import AnswerScorer
 
 
 def test_held_out_triples_never_appear_in_training():
@@ -47,3 +57,72 @@ def test_line_offsets_are_every_shift_that_fits():
         [strip_box(grid, layout, box, "horizontal") for box in boxes]
     vertical = line_offsets(grid, layout, "vertical")
     assert {d_row for d_row, _ in vertical} == {0} and len(vertical) == 11
+
+
+# --- the shipped organism (vlm/organism/, card: vlm/organism/README.md): behaviour observed, then pinned ---
+
+@pytest.fixture(scope="module")
+def organism():
+    return load_model(make_cfg("model=organism"))
+
+
+def test_the_shipped_card_is_reproduced_by_its_evaluate_command():
+    cfg = make_cfg(config_name="organism")
+    card = json.loads((Path(cfg.out) / "card.json").read_text())
+    report = evaluate(cfg)                            # what `python -m vlm.organism evaluate=true` prints
+    assert set(report) == set(card["held_out"]) == {"squares", "shapes", "objects"}
+    for name, numbers in card["held_out"].items():
+        assert report[name]["n"] == numbers["n"]
+        assert report[name]["accuracy"] == pytest.approx(numbers["accuracy"])
+        assert report[name]["by_direction"] == pytest.approx(numbers["by_direction"])
+        assert report[name]["accuracy"] >= 0.9          # observed 0.948, 0.948, 0.996 on never-trained triples
+
+
+def test_the_organism_reads_order_from_token_positions(organism):
+    """Mirroring the visual embeddings in place (each token's embedding moved to the mirrored grid cell) makes
+    the organism give the mirror image's answer: its order comes from where a token sits (M-RoPE), not from
+    what the vision tower wrote into it (observed 1.00 / 0.98 / 0.85 on squares / shapes / objects)."""
+    cfg = make_cfg("model=organism", "setting=squares")
+    setting = Setting.from_config(cfg.setting)
+    pairs = mirror_pairs(setting, organism.grid, organism.layout, 16, seed=1)
+    scorer = AnswerScorer(organism.tokenizer, setting.candidates)
+    inputs = organism.encode([p.clean.image for p in pairs], [p.clean.prompt for p in pairs])
+    rows, cols = organism.grid.rows, organism.grid.cols
+
+    def mirrored(tokens):
+        grid = tokens.reshape(len(pairs), rows, cols, -1)
+        flipped = [g.flip(1) if p.clean.orientation == "horizontal" else g.flip(0)
+                   for g, p in zip(grid, pairs, strict=True)]
+        return torch.stack(flipped).reshape(tokens.shape)
+
+    def answers(edit=None):
+        with torch.no_grad(), edit_visual_tokens(organism, edit or (lambda tokens: None)):
+            return [scorer.candidates[i] for i in scorer.predict(organism.last_logits(inputs)).tolist()]
+
+    assert np.mean([a == p.clean_answer for a, p in zip(answers(), pairs, strict=True)]) >= 0.9
+    assert np.mean([a == p.swapped_answer for a, p in zip(answers(mirrored), pairs, strict=True)]) >= 0.9
+
+
+def test_the_organism_has_its_value_at_the_last_token_by_layer_2(organism):
+    """Last-token patching (Fig 2) on the organism: the counterfactual's answer moves with the last position from
+    layer 2 on (observed P(e) 0.88 at layer 2, 1.00 at layer 3 on squares), not at layer 0 (0.08), where the
+    clean answer still wins."""
+    cfg = make_cfg("model=organism", "setting=squares", "experiment=last_token", "n_pairs=8")
+    metrics, _ = EXPERIMENTS["last_token"](organism, Setting.from_config(cfg.setting), cfg)
+    value, clean = metrics["outcomes"]["value"]["mean"], metrics["outcomes"]["clean"]["mean"]
+    assert metrics["sites"] == ["0", "1", "2", "3"]
+    assert value[2] >= 0.6 and value[3] >= 0.95
+    assert value[0] <= 0.3 and clean[0] > value[0]
+
+
+def test_ablating_vision_ordering_leaves_the_organism_right(organism):
+    """Table 2 on the organism: isolated-item and empty-image embeddings in place of its own leave accuracy where
+    it was (observed 0.98 -> 0.98), as they must for a model that reads order from positions; and strip patching
+    (Fig 7) never moves its answer (P(b) <= 0.01 at every site)."""
+    cfg = make_cfg("model=organism", "setting=squares", "experiment=ablation", "n=16")
+    metrics, _ = EXPERIMENTS["ablation"](organism, Setting.from_config(cfg.setting), cfg)
+    assert metrics["original"]["accuracy"] >= 0.9 and metrics["ablated"]["accuracy"] >= 0.9
+    cfg = make_cfg("model=organism", "setting=squares", "experiment=strip_patching", "n_pairs=4")
+    metrics, _ = EXPERIMENTS["strip_patching"](organism, Setting.from_config(cfg.setting), cfg)
+    assert max(metrics["outcomes"]["swapped"]["mean"]) <= 0.05
+    assert metrics["outcomes"]["clean"]["unpatched_clean"] >= 0.9
