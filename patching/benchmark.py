@@ -50,7 +50,7 @@ def timed(vlm: VLM, fn) -> tuple[float, float | None]:
 def floor_forward(vlm: VLM, rows: int, seq_len: int, batch_size: int) -> None:
     """`rows` sequences of `seq_len` random embeddings through the LM decoder alone, `batch_size` at a time,
     projecting only the last position to the vocabulary."""
-    lm, head = vlm.model.model.language_model, vlm.model.get_output_embeddings()
+    lm, head = vlm.adapter.language_model(vlm.model), vlm.model.get_output_embeddings()
     hidden = lm.config.hidden_size
     for start in range(0, rows, batch_size):
         n = min(batch_size, rows - start)

@@ -4,14 +4,17 @@ synthetic settings' questions, so that the experiments have a real mechanism to 
 
     python -m vlm.organism                                   # configs/organism.yaml -> vlm/organism/
     python -m vlm.organism train.steps=200 out=/tmp/organism # a short run elsewhere
+    python -m vlm.organism evaluate=true                     # held-out accuracy of vlm/organism/ (its card's)
 
 Data: every ordered triple of distinct items of each setting in `train.settings`, both orientations, both
 directions of each. A seeded `train.held_out` fraction of each setting's triples is never trained on: the
-test split. With `train.offsets`, every training question is redrawn with the whole line of items shifted by a
+test split. A step takes `train.batch_size / 2` images with both queried directions of each; the vision tower
+runs once per image. With `train.offsets`, each training image is redrawn with its line of items shifted by a
 random whole-token offset that still fits the grid (the test split keeps the centred layout the experiments
-use), so memorising a triple's image does not answer the question. Loss: cross-entropy of the answer's first token at the last input position.
-Writes the model, tokenizer, image processor and `card.json` (data, steps, seed, time, held-out accuracy per
-setting and direction) into `out`, whole (a temporary directory, renamed at the end).
+use). Loss: cross-entropy of the answer's first token at the last input position. Evaluation scores the test
+split as `python -m vlm.accuracy` scores. Writes the model, tokenizer, image processor and `card.json` (data,
+steps, seed, time, held-out accuracy per setting, direction and orientation) into `out` at every evaluation,
+whole (a temporary directory, renamed); a hand-written `*.md` card already there is kept.
 """
 
 import hashlib
@@ -174,8 +177,7 @@ def train(cfg: DictConfig) -> dict:
         questions = [s for group in images for s in group]
         inputs = trained.encode([s.image for s in questions], [s.prompt for s in questions])
         shown = pixels([group[0].image for group in images], return_tensors="pt")
-        features = model.model.get_image_features(pixel_values=shown["pixel_values"].to(device),
-                                                  image_grid_thw=shown["image_grid_thw"].to(device)).pooler_output
+        features = adapter.image_features(model, {k: v.to(device) for k, v in shown.items()}).pooler_output
         shared = tuple(tokens for tokens, group in zip(features, images, strict=True) for _ in group)
         inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         return model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=shared)},

@@ -42,8 +42,12 @@ class FamilyAdapter:
         """The module whose output is the visual embeddings handed to the LM (one row per visual token)."""
         raise NotImplementedError
 
-    def decoder_layers(self, model) -> torch.nn.ModuleList:
+    def language_model(self, model) -> torch.nn.Module:
+        """The LM decoder alone: input embeddings in, last hidden states out (no vision tower, no head)."""
         raise NotImplementedError
+
+    def decoder_layers(self, model) -> torch.nn.ModuleList:
+        return self.language_model(model).layers
 
     def image_token_id(self, model) -> int:
         raise NotImplementedError

@@ -60,8 +60,8 @@ class Gemma3Adapter(FamilyAdapter):
     def visual_embedding_module(self, model):
         return model.model.multi_modal_projector
 
-    def decoder_layers(self, model):
-        return model.model.language_model.layers
+    def language_model(self, model):
+        return model.model.language_model
 
     def image_token_id(self, model) -> int:
         return model.config.image_token_index

@@ -53,8 +53,8 @@ class Qwen2VLAdapter(FamilyAdapter):
     def visual_embedding_module(self, model):
         return model.model.visual.merger
 
-    def decoder_layers(self, model):
-        return model.model.language_model.layers
+    def language_model(self, model):
+        return model.model.language_model
 
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
