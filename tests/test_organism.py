@@ -15,6 +15,7 @@ from data_gen.settings import Setting
 from patching.experiments import EXPERIMENTS
 from patching.interventions import edit_visual_tokens
 from tests.conftest import make_cfg
+from vlm.cli import UsageError
 from vlm.models import load_model
 from vlm.organism import evaluate, question_splits, train
 from vlm.scoring import AnswerScorer
@@ -126,3 +127,10 @@ def test_ablating_vision_ordering_leaves_the_organism_right(organism):
     metrics, _ = EXPERIMENTS["strip_patching"](organism, Setting.from_config(cfg.setting), cfg)
     assert max(metrics["outcomes"]["swapped"]["mean"]) <= 0.05
     assert metrics["outcomes"]["clean"]["unpatched_clean"] >= 0.9
+
+
+def test_training_on_a_setting_without_drawn_images_is_refused_by_name(tmp_path):
+    cfg = make_cfg("train.settings=[squares,whatsup]", f"out={tmp_path / 'organism'}", config_name="organism")
+    with pytest.raises(UsageError, match=r"'whatsup'; allowed: objects, shapes, squares"):
+        train(cfg)
+    assert not (tmp_path / "organism").exists()

@@ -36,7 +36,7 @@ from data_gen.render import draw_scene
 from data_gen.scenes import Grid, Layout, line_offsets
 from data_gen.settings import DIRECTIONS_OF, Setting
 from vlm.accuracy import accuracy_metrics, score_samples
-from vlm.cli import CONFIG_DIR, UsageError, entrypoint
+from vlm.cli import CONFIG_DIR, UsageError, check_choice, entrypoint
 from vlm.models import VLM, load_model, resolve_device
 from vlm.results import provenance
 from vlm.scoring import AnswerScorer
@@ -95,8 +95,11 @@ def held_out_accuracy(vlm: VLM, settings: dict, test: dict, batch_size: int) -> 
 
 def question_sets(cfg: DictConfig, grid: Grid, layout: Layout) -> tuple[dict, dict]:
     """(setting name -> Setting, setting name -> (train, test) questions) for the settings in `cfg.train.settings`."""
-    settings = {name: Setting.from_config(OmegaConf.load(Path(CONFIG_DIR) / "setting" / f"{name}.yaml"))
-                for name in cfg.train.settings}
+    configs = {path.stem: OmegaConf.load(path) for path in sorted((Path(CONFIG_DIR) / "setting").glob("*.yaml"))}
+    synthetic = [name for name, config in configs.items() if config.get("source", "synthetic") == "synthetic"]
+    for name in cfg.train.settings:
+        check_choice("train.settings entry", name, synthetic)
+    settings = {name: Setting.from_config(configs[name]) for name in cfg.train.settings}
     return settings, {name: question_splits(setting, grid, layout, cfg.train.held_out, cfg.seed)
                       for name, setting in settings.items()}
 
@@ -175,11 +178,13 @@ def train(cfg: DictConfig) -> dict:
         """Last-position logits of every question of `images` (lists of questions on one image each): the
         vision tower runs once per image, its output shared by that image's questions."""
         questions = [s for group in images for s in group]
-        inputs = trained.encode([s.image for s in questions], [s.prompt for s in questions])
-        shown = pixels([group[0].image for group in images], return_tensors="pt")
-        features = adapter.image_features(model, {k: v.to(device) for k, v in shown.items()}).pooler_output
+        inputs = dict(trained.encode([s.image for s in questions], [s.prompt for s in questions]))
+        pixel_values = inputs.pop("pixel_values")               # every question's copy of its image's patches
+        firsts = torch.tensor(np.cumsum([0] + [len(group) for group in images[:-1]]), device=device)
+        shown = {"pixel_values": pixel_values.reshape(len(questions), -1, pixel_values.shape[-1])[firsts].flatten(0, 1),
+                 "image_grid_thw": inputs["image_grid_thw"][firsts]}
+        features = adapter.image_features(model, shown).pooler_output
         shared = tuple(tokens for tokens, group in zip(features, images, strict=True) for _ in group)
-        inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         return model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=shared)},
                      logits_to_keep=1).logits[:, -1]
 
