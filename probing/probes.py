@@ -89,6 +89,17 @@ def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = 
                  scale.astype(np.float32), model.classes_.astype(np.int64))
 
 
+def fit_item_probe(probe_cfg, seed: int, tokens: np.ndarray, item_tokens: np.ndarray,
+                   labels: np.ndarray) -> tuple[Probe, dict]:
+    """A probe fit on every item token of one embedding split (see item_examples) with the config's `C`,
+    `standardize` and `max_iter`, and its training numbers (train_accuracy, n_train_images, n_train_tokens)."""
+    x, y = item_examples(tokens, item_tokens, labels)
+    probe = fit_probe(x, y, C=probe_cfg.C, standardize=probe_cfg.standardize, max_iter=probe_cfg.max_iter,
+                      seed=seed)
+    return probe, {"train_accuracy": float((probe.predict(x) == y).mean()), "n_train_images": len(tokens),
+                   "n_train_tokens": len(y)}
+
+
 def item_examples(tokens: np.ndarray, item_tokens: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Every item token of every image with its item's label.
 

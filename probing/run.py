@@ -28,7 +28,7 @@ from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
 from probing.extract import Embeddings, check_arrangement, count_arrangements, grid_size, load_or_extract
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
-from probing.probes import Probe, fit_probe, item_examples
+from probing.probes import Probe, fit_item_probe, item_examples
 from vlm.cli import UsageError, check_choice, entrypoint
 from vlm.results import is_done, save_unit, unit_dir
 
@@ -180,12 +180,10 @@ def run(cfg: DictConfig) -> None:
             splits[spec.arrangement] = train_test_embeddings(cfg, setting, spec.arrangement, get_vlm)
         (train, train_path), (test, test_path) = splits[spec.arrangement]
         train_labels, axes = labels_and_axes(train, spec)
-        x, y = item_examples(train.tokens, train.item_tokens, train_labels)
-        probe = fit_probe(x, y, C=cfg.probe.C, standardize=cfg.probe.standardize, max_iter=cfg.probe.max_iter,
-                          seed=cfg.seed)
+        probe, fitted = fit_item_probe(cfg.probe, cfg.seed, train.tokens, train.item_tokens, train_labels)
         test_metrics, test_arrays = evaluate(probe, test, labels_and_axes(test, spec)[0], axes)
-        metrics[spec.name] = {"train_accuracy": float((probe.predict(x) == y).mean()), **test_metrics,
-                              "n_train_images": len(train.tokens), "n_train_tokens": len(y),
+        metrics[spec.name] = {"train_accuracy": fitted["train_accuracy"], **test_metrics,
+                              "n_train_images": fitted["n_train_images"], "n_train_tokens": fitted["n_train_tokens"],
                               "arrangement": spec.arrangement, "target": spec.target,
                               "embeddings": {"train": str(train_path), "test": str(test_path)}}
         arrays.update(probe.to_arrays(spec.name))

@@ -26,7 +26,7 @@ from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
 from probing.extract import load_or_extract
-from probing.probes import Probe, fit_probe, item_examples, load_probe
+from probing.probes import Probe, fit_item_probe, load_probe
 from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
 from vlm.cli import UsageError, check_choice, entrypoint
 from vlm.results import is_done, save_unit, unit_dir
@@ -89,11 +89,8 @@ def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:
     size = len(load_splits(cfg)["train"])
     stop = min(cfg.n_train or size, size)
     train, path = load_or_extract(cfg, setting, "horizontal", 0, stop, get_vlm, split="train")
-    x, y = item_examples(train.tokens, train.item_tokens, train.item_position[..., 0])
-    probe = fit_probe(x, y, C=cfg.probe.C, standardize=cfg.probe.standardize, max_iter=cfg.probe.max_iter,
-                      seed=cfg.seed)
-    return probe, {"from": "train split", "train_accuracy": float((probe.predict(x) == y).mean()),
-                   "n_train_images": len(train.tokens), "n_train_tokens": len(y), "embeddings": str(path)}
+    probe, fitted = fit_item_probe(cfg.probe, cfg.seed, train.tokens, train.item_tokens, train.item_position[..., 0])
+    return probe, {"from": "train split", **fitted, "embeddings": str(path)}
 
 
 @torch.no_grad()
