@@ -80,13 +80,18 @@ def count_arrangements(setting: Setting, arrangement: str) -> int:
     return items ** slots if slots > items else math.perm(items, slots)
 
 
-def arrangement_names(setting: Setting, arrangement: str, seed: int, count: int) -> list[tuple[str, ...]]:
-    """The first `count` distinct item arrangements (names in position / row-major order) drawn from `seed`;
-    UsageError when the setting has fewer than `count`."""
+def check_count(setting: Setting, arrangement: str, count: int) -> None:
+    """UsageError when the setting has fewer than `count` distinct `arrangement` images (n_train + n_test)."""
     available = count_arrangements(setting, arrangement)
     if count > available:
         raise UsageError(f"n_train + n_test = {count} images, but setting {setting.name!r} has only {available} "
                          f"distinct {arrangement} arrangements; lower n_train or n_test")
+
+
+def arrangement_names(setting: Setting, arrangement: str, seed: int, count: int) -> list[tuple[str, ...]]:
+    """The first `count` distinct item arrangements (names in position / row-major order) drawn from `seed`;
+    UsageError when the setting has fewer than `count`."""
+    check_count(setting, arrangement, count)
     n = grid_size(arrangement)
     names = setting.item_names
     slots = 3 if n is None else n * n

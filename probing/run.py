@@ -26,7 +26,7 @@ from data_gen.samples import setting_source
 from data_gen.scenes import ORIENTATIONS, Grid, Layout
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
-from probing.extract import Embeddings, check_arrangement, count_arrangements, grid_size, load_or_extract
+from probing.extract import Embeddings, check_arrangement, check_count, grid_size, load_or_extract
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
 from probing.probes import Probe, fit_item_probe, item_examples
 from vlm.cli import UsageError, check_choice, entrypoint
@@ -107,10 +107,7 @@ def check_inputs(cfg: DictConfig, setting: Setting, specs: list[ProbeSpec]) -> N
     grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
     for arrangement in dict.fromkeys(s.arrangement for s in specs):
         check_arrangement(grid, layout, arrangement)
-        available = count_arrangements(setting, arrangement)
-        if cfg.n_train + cfg.n_test > available:
-            raise UsageError(f"n_train + n_test = {cfg.n_train + cfg.n_test} images, but setting {setting.name!r} "
-                             f"has only {available} distinct {arrangement} arrangements")
+        check_count(setting, arrangement, cfg.n_train + cfg.n_test)
 
 
 def labels_and_axes(emb: Embeddings, spec: ProbeSpec) -> tuple[np.ndarray, tuple[str, ...]]:
