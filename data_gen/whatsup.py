@@ -289,13 +289,6 @@ def composite_samples(composite: Composite, setting: Setting, directions=DIRECTI
     return samples
 
 
-def candidates(composites: list[Composite], setting: Setting) -> list[str]:
-    """The distinct answers of the items in `composites`, in setting order: a smaller candidate set than
-    `setting.candidates` (every What'sUp object) when only part of the data is used."""
-    present = {item.answer for composite in composites for item in composite.items}
-    return [answer for answer in setting.candidates if answer in present]
-
-
 def split_composites(composites: list[Composite], fractions: Mapping[str, float], seed: int
                      ) -> dict[str, list[Composite]]:
     """Disjoint splits by composite, sized in proportion to `fractions` (non-negative, summing to 1), drawn
