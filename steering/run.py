@@ -99,7 +99,7 @@ def predictions(vlm, scorer, samples, probe: Probe, directions: dict, cfg: DictC
     `random.<variant>` (seeds, A, n), scalingvis (coefficients, n), adaptvis (thresholds, n).
 
     `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
-    from steering.attention import choose_coefficients, confidence, scaled_logits
+    from steering.attention import adaptvis_coefficients, scaled_logits
 
     alphas, variants = [float(a) for a in cfg.alphas], list(cfg.variants)
     out = {"none": [], "scalingvis": [], "adaptvis": []}
@@ -125,11 +125,12 @@ def predictions(vlm, scorer, samples, probe: Probe, directions: dict, cfg: DictC
         out["scalingvis"].append(np.stack([
             predict(scaled_logits(vlm, inputs, c, sv.layers, sv.queries, visual_tokens=tokens))
             for c in sv.coefficients]))
-        sure = confidence(base, scorer if cfg.adaptvis.confidence == "candidates" else None)
+        av = cfg.adaptvis
+        judge = scorer if av.confidence == "candidates" else None
         out["adaptvis"].append(np.stack([
-            predict(scaled_logits(vlm, inputs, choose_coefficients(sure, t, cfg.adaptvis.weight1, cfg.adaptvis.weight2),
+            predict(scaled_logits(vlm, inputs, adaptvis_coefficients(vlm, inputs, t, av.weight1, av.weight2, judge, base),
                                   sv.layers, sv.queries, visual_tokens=tokens))
-            for t in cfg.adaptvis.thresholds]))
+            for t in av.thresholds]))
     return {name: np.concatenate(parts, axis=-1) for name, parts in out.items()}
 
 
