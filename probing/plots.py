@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from vlm.results import find_units, load_unit  # noqa: E402
+from vlm.results import find_units, fmt_metric, load_unit  # noqa: E402
 
 SETTING_ORDER = ["squares", "shapes", "objects", "whatsup"]
 
@@ -60,17 +60,12 @@ def draw_probe_row(axes, arrays: dict, name: str, target: str, title: str):
     return shown
 
 
-def fmt(value, digits: int = 3) -> str:
-    """A metric for a table or title; None (undefined, e.g. strip agreement with no non-item token) as "–"."""
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
 def summary_table(rows: list[tuple]) -> str:
     lines = ["| model | setting | probe | test accuracy (items) | strip agreement | train accuracy | images (train / test) |",
              "|---|---|---|---|---|---|---|"]
     for model, setting, name, m in rows:
-        lines.append(f"| {model} | {setting} | {name} | {fmt(m['test_accuracy'])} | {fmt(m['strip_agreement'])} | "
-                     f"{fmt(m['train_accuracy'])} | {m['n_train_images']} / {m['n_test_images']} |")
+        lines.append(f"| {model} | {setting} | {name} | {fmt_metric(m['test_accuracy'])} | {fmt_metric(m['strip_agreement'])} | "
+                     f"{fmt_metric(m['train_accuracy'])} | {m['n_train_images']} / {m['n_test_images']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -98,8 +93,8 @@ def draw_figure(results: Path, out: Path, experiment: str, group: Callable[[dict
                                      squeeze=False, layout="constrained")
             for row, name in zip(axes, names, strict=True):
                 m = probes[name]
-                shown = draw_probe_row(row, arrays, name, m["target"], f"{model} {setting} {name}\ntest acc {fmt(m['test_accuracy'], 2)}, "
-                                                  f"strip agr {fmt(m['strip_agreement'], 2)}")
+                shown = draw_probe_row(row, arrays, name, m["target"], f"{model} {setting} {name}\ntest acc {fmt_metric(m['test_accuracy'], 2)}, "
+                                                  f"strip agr {fmt_metric(m['strip_agreement'], 2)}")
             bar = fig.colorbar(shown, ax=axes, shrink=0.5, pad=0.01)
             bar.set_label("mean probability over test images", fontsize=7)
             bar.ax.tick_params(labelsize=6)

@@ -68,6 +68,11 @@ def _strict_json(value):
     return value
 
 
+def fmt_metric(value, digits: int = 3) -> str:
+    """A metric for a table or a title; None (undefined, e.g. strip agreement with no non-item token) as "–"."""
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
 def load_unit(directory: Path) -> tuple[dict, dict]:
     """(metrics.json as a dict, arrays.npz as a dict of arrays)."""
     directory = Path(directory)

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vlm.results import fmt_metric  # noqa: E402
+
 SETTING_ORDER = ["squares", "shapes", "objects", "whatsup"]
 DIRECTIONS = ["left", "right", "above", "below"]
 
@@ -28,19 +30,15 @@ def ordered(names, order):
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
-def fmt(value) -> str:
-    return "–" if value is None else f"{value:.2f}"
-
-
 def markdown(table: dict, models, settings) -> tuple[str, str]:
     t1 = ["| model | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
     for m in models:
-        t1.append(f"| {m} | " + " | ".join(fmt(table.get((m, s), {}).get("accuracy")) for s in settings) + " |")
+        t1.append(f"| {m} | " + " | ".join(fmt_metric(table.get((m, s), {}).get("accuracy"), 2) for s in settings) + " |")
     cols = [(s, d) for s in settings for d in DIRECTIONS
             if any(table.get((m, s), {}).get("by_direction", {}).get(d) is not None for m in models)]
     t4 = ["| model | " + " | ".join(f"{s} {d[0].upper()}" for s, d in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in models:
-        t4.append(f"| {m} | " + " | ".join(fmt(table.get((m, s), {}).get("by_direction", {}).get(d))
+        t4.append(f"| {m} | " + " | ".join(fmt_metric(table.get((m, s), {}).get("by_direction", {}).get(d), 2)
                                            for s, d in cols) + " |")
     return "\n".join(t1) + "\n", "\n".join(t4) + "\n"
 

@@ -13,12 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from patching.plots import load_sweeps  # noqa: E402
+from vlm.results import fmt_metric  # noqa: E402
 
 DIRECTIONS = ["left", "right", "above", "below"]
-
-
-def fmt(value) -> str:
-    return "–" if value is None else f"{value:.2f}"
 
 
 def tables(units) -> tuple[str, str]:
@@ -26,10 +23,10 @@ def tables(units) -> tuple[str, str]:
     t5 = ["| model | setting | " + " | ".join(DIRECTIONS) + " |", "|---|---|" + "---|" * len(DIRECTIONS)]
     for model, setting, metrics, _ in units:
         original, ablated = metrics["original"], metrics["ablated"]
-        t2.append(f"| {model} | {setting} | {fmt(original['accuracy'])} | {fmt(ablated['accuracy'])} | "
-                  f"{fmt(ablated['chance'])} |")
+        t2.append(f"| {model} | {setting} | {fmt_metric(original['accuracy'], 2)} | {fmt_metric(ablated['accuracy'], 2)} | "
+                  f"{fmt_metric(ablated['chance'], 2)} |")
         t5.append(f"| {model} | {setting} | " +
-                  " | ".join(fmt(ablated["by_direction"].get(d)) for d in DIRECTIONS) + " |")
+                  " | ".join(fmt_metric(ablated["by_direction"].get(d), 2) for d in DIRECTIONS) + " |")
     return "\n".join(t2) + "\n", "\n".join(t5) + "\n"
 
 
