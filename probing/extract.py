@@ -15,6 +15,7 @@ a key (model and setting config, arrangement, seed, slice, dtype); a file whose 
 again, and so is every file when redo=true.
 """
 
+import functools
 import json
 import math
 import os
@@ -199,6 +200,20 @@ def cached_key(path: Path) -> str | None:
         return None
     with np.load(path, allow_pickle=False) as npz:
         return str(npz["key"]) if "key" in npz.files else None
+
+
+def model_loader(cfg: DictConfig) -> Callable:
+    """`get_vlm` for load_or_extract: loads `cfg`'s model (vlm.models.load_model) on its first call and returns
+    that model on every later one. vlm.models is imported only then, so bad input and a refit from cached
+    embeddings never import torch or transformers."""
+
+    @functools.cache
+    def get_vlm():
+        from vlm import models
+
+        return models.load_model(cfg)
+
+    return get_vlm
 
 
 def load_or_extract(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,

@@ -16,7 +16,6 @@ the item boxes of the first n_train composites of the train split (null: all), t
 split; labels are the items' positions (0 left object, 1 reference, 2 right object).
 """
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +25,14 @@ from data_gen.samples import setting_source
 from data_gen.scenes import ORIENTATIONS, Grid, Layout
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
-from probing.extract import Embeddings, check_arrangement, check_count, grid_size, load_or_extract
+from probing.extract import (
+    Embeddings,
+    check_arrangement,
+    check_count,
+    grid_size,
+    load_or_extract,
+    model_loader,
+)
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
 from probing.probes import Probe, fit_item_probe, item_examples
 from vlm.cli import UsageError, check_choice, entrypoint
@@ -54,13 +60,6 @@ class ProbeSpec:
     arrangement: str
     target: str
 
-
-def load_model(cfg: DictConfig):
-    """vlm.models.load_model, imported on first use: bad input and a refit from cached embeddings never
-    import torch."""
-    from vlm.models import load_model as load
-
-    return load(cfg)
 
 
 def probe_specs(cfg: DictConfig) -> list[ProbeSpec]:
@@ -170,7 +169,7 @@ def run(cfg: DictConfig) -> None:
     if is_done(out) and not cfg.redo:
         print(f"{name}: {out} exists, skipping (redo=true to recompute)")
         return
-    get_vlm = functools.cache(lambda: load_model(cfg))
+    get_vlm = model_loader(cfg)
     splits, metrics, arrays = {}, {}, {}
     for spec in specs:
         if spec.arrangement not in splits:

@@ -14,7 +14,6 @@ SPEC 5), saved under results/amplification/<model>/whatsup/.
    reports test at that value, next to the full curves on both splits.
 """
 
-import functools
 import math
 
 import numpy as np
@@ -25,7 +24,7 @@ from tqdm import tqdm
 from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
-from probing.extract import load_or_extract
+from probing.extract import load_or_extract, model_loader
 from probing.probes import Probe, fit_item_probe, load_probe
 from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
 from vlm.cli import UsageError, check_choice, entrypoint
@@ -44,11 +43,6 @@ DEFINITIONS = {
               "table = test metrics at that value",
 }
 
-
-def load_model(cfg: DictConfig):
-    from vlm.models import load_model as load
-
-    return load(cfg)
 
 
 def _numbers(name: str, values, positive: bool = False) -> list[float]:
@@ -175,7 +169,7 @@ def run(cfg: DictConfig) -> None:
         if not samples:
             raise UsageError(f"the What'sUp {name} split is empty: raise setting.n_composites or "
                              f"setting.splits.{name}")
-    get_vlm = functools.cache(lambda: load_model(cfg))
+    get_vlm = model_loader(cfg)
     probe, probe_info = get_probe(cfg, setting, get_vlm)
     vlm = get_vlm()
     from vlm.scoring import AnswerScorer

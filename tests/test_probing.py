@@ -140,7 +140,7 @@ def test_extraction_cache_round_trip_equals_visual_tokens(twin, tmp_path):
 def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monkeypatch, capsys):
     args = [f"model={twin.name}", "experiment=probes", "setting=squares", "n_train=4", "n_test=2",
             f"results_dir={tmp_path / 'results'}", f"embeddings_dir={tmp_path / 'emb'}"]
-    monkeypatch.setattr("probing.run.load_model", lambda cfg: twin)
+    monkeypatch.setattr("vlm.models.load_model", lambda cfg: twin)
     cfg = make_cfg(*args)
     run(cfg)
     out = unit_dir(cfg, "probes")
@@ -167,7 +167,7 @@ def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monk
     def no_model(cfg):
         raise AssertionError("the embeddings are cached; the model must not load")
 
-    monkeypatch.setattr("probing.run.load_model", no_model)
+    monkeypatch.setattr("vlm.models.load_model", no_model)
     refit = make_cfg(*args, f"results_dir={tmp_path / 'refit'}")
     run(refit)
     _, again = load_unit(unit_dir(refit, "probes"))
@@ -181,7 +181,7 @@ def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
     from tests.conftest import load_twin
 
     twin = load_twin("tiny_qwen2vl")
-    monkeypatch.setattr("probing.run.load_model", lambda cfg: twin)
+    monkeypatch.setattr("vlm.models.load_model", lambda cfg: twin)
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=grid_probes", "n_train=3", "n_test=2",
                    f"results_dir={tmp_path / 'results'}", f"embeddings_dir={tmp_path / 'emb'}")
     assert cfg.setting.name == "shapes"
