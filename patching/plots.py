@@ -13,8 +13,6 @@ import numpy as np  # noqa: E402
 
 from vlm.results import find_units, load_unit  # noqa: E402
 
-SETTING_ORDER = ["squares", "shapes", "objects", "whatsup"]
-
 
 def load_sweeps(results: Path, experiment: str) -> list[tuple[str, str, dict, dict]]:
     """[(model, setting, metrics, arrays)] of every finished unit, settings in paper order."""
@@ -22,8 +20,7 @@ def load_sweeps(results: Path, experiment: str) -> list[tuple[str, str, dict, di
     for directory in find_units(results, experiment):
         record, arrays = load_unit(directory)
         units.append((directory.parent.name, directory.name, record["metrics"], arrays))
-    order = {s: i for i, s in enumerate(SETTING_ORDER)}
-    return sorted(units, key=lambda u: (u[0], order.get(u[1], len(order)), u[1]))
+    return units
 
 
 def plot_sweeps(units, outcomes: dict[str, str], title: str, out: Path, name: str,

@@ -18,8 +18,6 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from vlm.results import find_units, fmt_metric, load_unit  # noqa: E402
 
-SETTING_ORDER = ["squares", "shapes", "objects", "whatsup"]
-
 
 def _outline_items(ax, boxes: np.ndarray) -> None:
     """Outline token boxes (row0, col0, row1, col1) on a rows x cols image axis."""
@@ -77,8 +75,6 @@ def draw_figure(results: Path, out: Path, experiment: str, group: Callable[[dict
         print(f"error: no {experiment} results under {Path(results) / experiment}; run {script} first", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    order = {s: i for i, s in enumerate(SETTING_ORDER)}
-    units.sort(key=lambda u: (u.parent.name, order.get(u.name, len(order)), u.name))
     table, written = [], []
     for unit in units:
         record, arrays = load_unit(unit)

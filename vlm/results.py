@@ -82,6 +82,15 @@ def load_unit(directory: Path) -> tuple[dict, dict]:
     return record, arrays
 
 
+SETTING_ORDER = ["squares", "shapes", "objects", "whatsup"]     # the paper's order, for tables and figures
+
+
+def setting_rank(setting: str) -> tuple[int, str]:
+    """Sort key of a setting name: the paper's settings in SETTING_ORDER, any other after them by name."""
+    return (SETTING_ORDER.index(setting) if setting in SETTING_ORDER else len(SETTING_ORDER), setting)
+
+
 def find_units(results_dir: Path, experiment: str) -> list[Path]:
-    """Every finished unit of `experiment`, sorted by model then setting."""
-    return sorted(p.parent for p in (Path(results_dir) / experiment).glob("*/*/metrics.json"))
+    """Every finished unit of `experiment`, sorted by model, then setting in the paper's order."""
+    units = (p.parent for p in (Path(results_dir) / experiment).glob("*/*/metrics.json"))
+    return sorted(units, key=lambda unit: (unit.parent.name, setting_rank(unit.name)))

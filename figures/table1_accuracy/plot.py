@@ -12,22 +12,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vlm.results import fmt_metric  # noqa: E402
+from vlm.results import find_units, fmt_metric, setting_rank  # noqa: E402
 
-SETTING_ORDER = ["squares", "shapes", "objects", "whatsup"]
 DIRECTIONS = ["left", "right", "above", "below"]
 
 
 def load(results: Path) -> dict:
     """{(model, setting): metrics} for every finished accuracy unit."""
-    table = {}
-    for path in sorted((results / "accuracy").glob("*/*/metrics.json")):
-        table[(path.parent.parent.name, path.parent.name)] = json.loads(path.read_text())["metrics"]
-    return table
-
-
-def ordered(names, order):
-    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+    return {(unit.parent.name, unit.name): json.loads((unit / "metrics.json").read_text())["metrics"]
+            for unit in find_units(results, "accuracy")}
 
 
 def markdown(table: dict, models, settings) -> tuple[str, str]:
@@ -76,7 +69,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     models = sorted({m for m, _ in table})
-    settings = ordered({s for _, s in table}, SETTING_ORDER)
+    settings = sorted({s for _, s in table}, key=setting_rank)
     args.out.mkdir(parents=True, exist_ok=True)
     t1, t4 = markdown(table, models, settings)
     (args.out / "table1.md").write_text(t1)
