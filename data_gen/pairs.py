@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from common.errors import UsageError
+from common.geometry import ORIENTATIONS, Grid, Layout, grid_boxes, line_boxes, pixel_box
 from data_gen.render import Item, Sample, compose, distinct_items, draw_scene, query_plan
-from data_gen.scenes import ORIENTATIONS, Grid, Layout, grid_boxes, line_boxes, pixel_box
 from data_gen.settings import OPPOSITE, TARGET_POSITION, Setting
-from vlm.cli import UsageError
 
 
 @dataclass

@@ -20,9 +20,10 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data_gen.scenes import ORIENTATIONS, Grid, Layout, PixelBox, TokenBox, line_boxes, pixel_box, strip_box
+from common.cli import entrypoint
+from common.errors import UsageError, check_choice
+from common.geometry import ORIENTATIONS, Grid, Layout, PixelBox, TokenBox, line_boxes, pixel_box, strip_box
 from data_gen.settings import DIRECTIONS_OF, TARGET_POSITION, ItemSpec, Setting
-from vlm.cli import UsageError, check_choice, entrypoint
 
 SUPERSAMPLE = 4         # shapes are drawn 4x larger and box-filtered down: smooth edges, nothing outside the box
 GLYPH_FONT_PX = 512     # glyphs are rendered this large, then scaled down to their box

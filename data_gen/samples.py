@@ -11,11 +11,11 @@ from dataclasses import replace
 
 from omegaconf import DictConfig
 
+from common.errors import UsageError, check_choice
+from common.geometry import Grid, Layout
 from data_gen.render import Sample, random_samples
-from data_gen.scenes import Grid, Layout
 from data_gen.settings import Setting
 from data_gen.whatsup import composite_samples, load_composites, load_splits
-from vlm.cli import UsageError, check_choice
 
 SOURCES = ("synthetic", "whatsup")
 

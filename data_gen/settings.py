@@ -4,7 +4,7 @@ the answers the model chooses from, and the prompt (SPEC section 1, paper append
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vlm.cli import UsageError, check_choice
+from common.errors import UsageError, check_choice
 
 # paper A.3: the preposition each queried direction is written with
 PREPOSITIONS = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}

@@ -50,10 +50,10 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
+from common.errors import UsageError, check_choice
+from common.geometry import Grid, PixelBox, TokenBox
 from data_gen.render import Item, Sample
-from data_gen.scenes import Grid, PixelBox, TokenBox
 from data_gen.settings import TARGET_POSITION, Setting
-from vlm.cli import UsageError, check_choice
 
 SUBSETS = {"controlled_images": "controlled_images_dataset.json", "controlled_clevr": "controlled_clevr_dataset.json"}
 SIDE_OF_RELATION = {"left_of": "left", "right_of": "right"}

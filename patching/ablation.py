@@ -5,9 +5,9 @@ the empty image's token. What is left is which items there are, not where they a
 import torch
 from tqdm import tqdm
 
+from common.geometry import Grid, Layout, line_boxes, token_indices
 from data_gen.pairs import ablation_sources
 from data_gen.render import Sample
-from data_gen.scenes import Grid, Layout, line_boxes, token_indices
 from data_gen.settings import Setting
 from vlm.models import VLM
 

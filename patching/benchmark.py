@@ -1,5 +1,4 @@
-"""How fast the patching engine is (issue: "a benchmark command"). On the model it is given, times a
-last-token sweep (every LM layer, `n_pairs` pairs) three ways in one run:
+"""How fast the patching engine is. On the model it is given, times a last-token sweep (every LM layer, `n_pairs` pairs) three ways in one run:
 
 - naive: one full forward per pair per layer, batch 1 (vision tower included), the counterfactual run
   recorded once per pair;
@@ -7,8 +6,8 @@ last-token sweep (every LM layer, `n_pairs` pairs) three ways in one run:
 - floor: a plain batched forward of the LM alone over the same sequence length, no hooks, last-position
   logits: what the engine's forward passes cost without any patching.
 
-    python -m patching.benchmark model=qwen2vl_7b model.init=random        # full size, random weights, GPU
-    python -m patching.benchmark model=tiny_qwen2vl n_pairs=4               # CPU smoke run
+    python -m runner experiment=benchmark model=qwen2vl_7b model.init=random     # full size, random weights, GPU
+    python -m runner experiment=benchmark model=organism n_pairs=4 device=cpu    # CPU smoke run
 
 Prints ms per patched run for each, the engine's speed-up over naive and its ratio to the floor, and peak
 GPU memory; writes the same figures to results/benchmark/<model>/<setting>/.
@@ -22,9 +21,7 @@ from omegaconf import DictConfig
 from data_gen.pairs import last_token_pairs
 from data_gen.settings import Setting
 from patching.engine import PatchingEngine, PatchPlan, naive_sweep
-from vlm.cli import entrypoint
-from vlm.models import VLM, load_model
-from vlm.results import save_unit, unit_dir
+from vlm.models import VLM
 from vlm.scoring import AnswerScorer
 
 
@@ -59,8 +56,15 @@ def floor_forward(vlm: VLM, rows: int, seq_len: int, batch_size: int) -> None:
         head(out[:, -1:])
 
 
-def run(cfg: DictConfig) -> dict:
-    vlm = load_model(cfg)
+def benchmark(cfg: DictConfig, get_vlm):
+    """The benchmark as an experiment: (its figures, no arrays), the report printed."""
+    figures = measure(cfg, get_vlm())
+    print(report(figures))
+    return figures, {}
+
+
+def measure(cfg: DictConfig, vlm: VLM) -> dict:
+    """Naive, engine and floor timings of a last-token sweep of `cfg.n_pairs` pairs over `cfg.layers` on `vlm`."""
     setting = Setting.from_config(cfg.setting)
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     layers = vlm.check_layers(cfg.layers)
@@ -104,14 +108,3 @@ def report(figures: dict) -> str:
     tail = (f"engine speed-up over naive: {figures['speedup_over_naive']:.1f}x; "
             f"engine / floor: {figures['ratio_to_floor']:.2f}x")
     return "\n".join([head, *rows, tail])
-
-
-@entrypoint(experiment="benchmark")
-def main(cfg: DictConfig) -> None:
-    figures = run(cfg)
-    print(report(figures))
-    save_unit(unit_dir(cfg, "benchmark"), figures, {}, cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -84,9 +84,7 @@ class PatchingEngine:
     def _patched_chunk(self, clean_in, clean_visual, cf_acts, plan, dst, src, chunk) -> torch.Tensor:
         """(len(chunk), candidates): row r patched at site chunk[r] (None: not patched)."""
         rows = len(chunk)
-        batch = {k: (v.expand(rows, *v.shape[1:]) if k != "pixel_values" else v) for k, v in clean_in.items()}
-        if "image_grid_thw" in batch:
-            batch["image_grid_thw"] = clean_in["image_grid_thw"].repeat(rows, 1)
+        batch = self.vlm.adapter.repeat_inputs(clean_in, rows)
         visual = clean_visual.expand(rows, -1, -1).clone()
         layer_rows: dict[int, list[int]] = {}
         for r, site in enumerate(chunk):

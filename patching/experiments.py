@@ -1,5 +1,6 @@
-"""The paper's patching experiments (SPEC 4), each a function of (vlm, setting, cfg) returning the metrics and
-the per-pair arrays that `patching.run` saves.
+"""The paper's patching experiments (docs/experiments.md, "Experiments"), each a function `(cfg, get_vlm) ->
+(metrics, arrays)` that the runner (`python -m runner experiment=<name>`) calls and saves; the experiment's YAML
+names the function (`experiment.run`).
 
 - last_token: the last position's residual stream after each LM layer <- the counterfactual's (Fig 2);
 - mirror patching (object_patching, strip_patching, ablated_patching): the side items' tokens (or strips)
@@ -13,15 +14,15 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from accuracy.experiment import accuracy_metrics
+from common.errors import UsageError, check_choice
+from common.geometry import Grid, token_indices
 from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.render import random_samples
-from data_gen.scenes import Grid, token_indices
 from data_gen.settings import Setting
 from patching.ablation import Ablator
 from patching.engine import PatchingEngine, PatchPlan
 from patching.interventions import VISUAL
-from vlm.accuracy import accuracy_metrics
-from vlm.cli import UsageError, check_choice
 from vlm.models import VLM
 from vlm.scoring import AnswerScorer
 
@@ -85,16 +86,22 @@ def sweep(vlm: VLM, scorer: AnswerScorer, pairs, plans, sites, cfg, visuals=None
     return summarize(sites, patched, clean, counterfactual), arrays
 
 
-def last_token(vlm: VLM, setting: Setting, cfg: DictConfig):
+def last_token(cfg: DictConfig, get_vlm):
+    """Last-token patching (Fig 2): the last position's residual after each layer <- the counterfactual's."""
     if cfg.patch_visual:
         raise UsageError("last_token patches the last position, which is not a visual token: set patch_visual=false")
+    setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     pairs = last_token_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
     sites = sweep_sites(vlm, cfg)
     return sweep(vlm, scorer, pairs, [PatchPlan()] * len(pairs), sites, cfg, desc=f"last_token {setting.name}")
 
 
-def mirror_patching(vlm: VLM, setting: Setting, cfg: DictConfig):
+def mirror_patching(cfg: DictConfig, get_vlm):
+    """Object, strip and ablated patching (Fig 6, 7, 8): the side items' tokens or strips <- the mirror's other
+    side, at the visual embeddings and after each layer; with `ablate`, on ablated visual embeddings."""
+    check_choice("patching region", cfg.region, REGIONS)
+    setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     pairs = mirror_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
     plans = [mirror_plan(vlm.grid, pair, cfg.region) for pair in pairs]
@@ -110,8 +117,9 @@ def mirror_patching(vlm: VLM, setting: Setting, cfg: DictConfig):
 
 
 @torch.no_grad()
-def ablation(vlm: VLM, setting: Setting, cfg: DictConfig):
-    """Accuracy on the same images with their own and with ablated visual embeddings."""
+def ablation(cfg: DictConfig, get_vlm):
+    """Accuracy on the same images with their own and with ablated visual embeddings (Table 2)."""
+    setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     samples = random_samples(setting, vlm.grid, vlm.layout, cfg.n, cfg.seed, tuple(cfg.orientations))
     ablator = Ablator(vlm, setting, vlm.grid, vlm.layout, cfg.batch_size)
@@ -134,11 +142,3 @@ def ablation(vlm: VLM, setting: Setting, cfg: DictConfig):
                "sample_id": np.array([s.id for s in samples])}
     return metrics, arrays
 
-
-EXPERIMENTS = {
-    "last_token": last_token,
-    "object_patching": mirror_patching,
-    "strip_patching": mirror_patching,
-    "ablated_patching": mirror_patching,
-    "ablation": ablation,
-}

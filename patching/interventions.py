@@ -29,10 +29,8 @@ def edit_visual_tokens(vlm: VLM, edit: Callable[[torch.Tensor], torch.Tensor | N
     """Run `edit` on the visual embeddings as (batch, tokens, hidden), tokens in row-major grid order."""
 
     def on_output(output):
-        batch = output.shape[0] if output.dim() == 3 else output.shape[0] // vlm.n_visual_tokens
-        tokens = vlm.adapter.visual_embeddings_to_tokens(output, batch)
-        new = edit(tokens)
-        return None if new is None else vlm.adapter.visual_embeddings_from_tokens(new, output)
+        new = edit(vlm.adapter.visual_tokens(output, vlm.n_visual_tokens))
+        return None if new is None else vlm.adapter.visual_output(new, output)
 
     with hooks(Hook(vlm.visual_embedding_module, on_output)):
         yield
@@ -53,7 +51,4 @@ def read_sites(vlm: VLM, sites):
         yield result
     for site in sites:
         tensor = cache[str(site)]
-        if site == VISUAL:
-            batch = tensor.shape[0] if tensor.dim() == 3 else tensor.shape[0] // vlm.n_visual_tokens
-            tensor = vlm.adapter.visual_embeddings_to_tokens(tensor, batch)
-        result[site] = tensor
+        result[site] = vlm.adapter.visual_tokens(tensor, vlm.n_visual_tokens) if site == VISUAL else tensor

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vlm.results import find_units, load_unit  # noqa: E402
+from common.results import find_units, load_unit  # noqa: E402
 
 
 def load_sweeps(results: Path, experiment: str) -> list[tuple[str, str, dict, dict]]:

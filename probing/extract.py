@@ -1,5 +1,5 @@
-"""Visual embeddings of token-aligned images (SPEC 3: the projector's output, one vector per visual token),
-cached on disk so a probe can be refit or replotted without the model.
+"""Visual embeddings of token-aligned images (the projector's output, one vector per visual token: docs/
+experiments.md, "Where the model is read and written"), cached on disk so a probe can be refit or replotted without the model.
 
 An arrangement is `horizontal` or `vertical` (three items in a line, position 0-2) or `NxN` (a grid of
 shapes, position [row, col], paper B.4). From a seed it gives one sequence of distinct item arrangements;
@@ -15,7 +15,6 @@ a key (model and setting config, arrangement, seed, slice, dtype); a file whose 
 again, and so is every file when redo=true.
 """
 
-import functools
 import json
 import math
 import os
@@ -26,12 +25,12 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from common.errors import UsageError, check_choice
+from common.geometry import ORIENTATIONS, Grid, Layout, grid_boxes, token_indices
 from data_gen.pairs import shape_grid
 from data_gen.render import Sample, draw_scene
 from data_gen.samples import setting_samples, setting_source
-from data_gen.scenes import ORIENTATIONS, Grid, Layout, grid_boxes, token_indices
 from data_gen.settings import Setting
-from vlm.cli import UsageError, check_choice
 
 EMBEDDING_DTYPES = ("float16", "float32")
 
@@ -200,20 +199,6 @@ def cached_key(path: Path) -> str | None:
         return None
     with np.load(path, allow_pickle=False) as npz:
         return str(npz["key"]) if "key" in npz.files else None
-
-
-def model_loader(cfg: DictConfig) -> Callable:
-    """`get_vlm` for load_or_extract: loads `cfg`'s model (vlm.models.load_model) on its first call and returns
-    that model on every later one. vlm.models is imported only then, so bad input and a refit from cached
-    embeddings never import torch or transformers."""
-
-    @functools.cache
-    def get_vlm():
-        from vlm import models
-
-        return models.load_model(cfg)
-
-    return get_vlm
 
 
 def load_or_extract(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,

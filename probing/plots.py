@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from vlm.results import find_units, fmt_metric, load_unit  # noqa: E402
+from common.results import find_units, fmt_metric, load_unit  # noqa: E402
 
 
 def _outline_items(ax, boxes: np.ndarray) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from vlm.cli import UsageError
+from common.errors import UsageError
 
 FIELDS = ("weight", "bias", "mean", "scale", "classes")
 

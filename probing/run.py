@@ -1,11 +1,11 @@
-"""Linear probes on the visual embeddings of one model and setting (SPEC 4 `probes`, paper Fig 4, 19-30;
-`grid_probes`, Fig 31, 32), saved under results/<experiment>/<model>/<setting>/.
+"""Linear probes on the visual embeddings of one model and setting (docs/experiments.md, "probes", paper Fig 4,
+19-30; "grid_probes", Fig 31, 32; "whatsup_probes", Fig 33-35), saved under results/<experiment>/<model>/<setting>/.
 
-    python -m probing.run model=qwen2vl_7b setting=squares [n_train=90 n_test=30 probe.C=1.0]
-    python -m probing.run experiment=grid_probes model=gemma3_4b setting=shapes
-    python -m probing.run experiment=whatsup_probes model=qwen2vl_7b data.whatsup_dir=DIR   (Fig 33-35)
+    python -m runner experiment=probes model=qwen2vl_7b setting=squares [n_train=90 n_test=30 probe.C=1.0]
+    python -m runner experiment=grid_probes model=gemma3_4b setting=shapes
+    python -m runner experiment=whatsup_probes model=qwen2vl_7b data.whatsup_dir=DIR
 
-The experiment defaults to `probes`. Per probe: embeddings of n_train training and n_test test images
+Per probe: embeddings of n_train training and n_test test images
 (cached, see probing.extract), a probe fit on the training images' item tokens, its accuracy on the test
 images' item tokens, and the probe applied to every token of the test images (probing.heatmaps). The unit
 holds each probe's weights (probing.probes.load_probe reads them back), heat maps, an example image and
@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from omegaconf import DictConfig
 
+from common.errors import UsageError, check_choice
+from common.geometry import ORIENTATIONS, Grid, Layout
+from common.results import fmt_metric
 from data_gen.samples import setting_source
-from data_gen.scenes import ORIENTATIONS, Grid, Layout
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
 from probing.extract import (
@@ -31,12 +33,9 @@ from probing.extract import (
     check_count,
     grid_size,
     load_or_extract,
-    model_loader,
 )
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
 from probing.probes import Probe, fit_item_probe, item_examples
-from vlm.cli import UsageError, check_choice, entrypoint
-from vlm.results import is_done, save_unit, unit_dir
 
 EXPERIMENTS = ("probes", "grid_probes", "whatsup_probes")
 GRID_TARGETS = ("row", "col", "cell")
@@ -159,17 +158,14 @@ def train_test_embeddings(cfg: DictConfig, setting: Setting, arrangement: str, g
             load_or_extract(cfg, setting, arrangement, cfg.n_train, cfg.n_train + cfg.n_test, get_vlm))
 
 
-def run(cfg: DictConfig) -> None:
+def probes(cfg: DictConfig, get_vlm):
+    """The probes, grid_probes and whatsup_probes experiments: (metrics, arrays) of every probe of the
+    experiment; the model is loaded (get_vlm) only when an embedding split is not cached yet."""
     name = cfg.experiment.name
     check_choice("probing experiment", name, EXPERIMENTS)
     setting = Setting.from_config(cfg.setting)
     specs = probe_specs(cfg)
     check_inputs(cfg, setting, specs)
-    out = unit_dir(cfg, name)
-    if is_done(out) and not cfg.redo:
-        print(f"{name}: {out} exists, skipping (redo=true to recompute)")
-        return
-    get_vlm = model_loader(cfg)
     splits, metrics, arrays = {}, {}, {}
     for spec in specs:
         if spec.arrangement not in splits:
@@ -185,17 +181,7 @@ def run(cfg: DictConfig) -> None:
         arrays.update(probe.to_arrays(spec.name))
         arrays.update({f"{spec.name}.{key}": value for key, value in test_arrays.items()})
         arrays[f"{spec.name}.train_image_id"] = train.image_id
-    save_unit(out, {"probes": metrics, "definitions": DEFINITIONS}, arrays, cfg)
     for probe_name, m in metrics.items():
         print(f"{name} {cfg.model.name} {setting.name} {probe_name}: test accuracy {m['test_accuracy']:.3f}, "
-              f"strip agreement {m['strip_agreement']:.3f}")
-    print(f"-> {out}")
-
-
-@entrypoint(experiment="probes")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
-if __name__ == "__main__":
-    main()
+              f"strip agreement {fmt_metric(m['strip_agreement'])}")
+    return {"probes": metrics, "definitions": DEFINITIONS}, arrays

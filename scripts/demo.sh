@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The demo: every experiment that exists, at the paper's sizes for accuracy and probes and 24 pairs per patching
-# sweep, on the model organism (vlm/organism/, a small Qwen2-VL trained on the
-# synthetic settings, shipped in the repository), on CPU, offline. Results under demo/results, figures under
-# demo/figures. Extra arguments go to every figure script (e.g. model=tiny_qwen2vl,tiny_gemma3 for the
-# untrained twins).
+# The demo: every experiment, at the paper's sizes for accuracy and probes and 24 pairs per patching sweep, on
+# the model organism (organisms/organism/, a small Qwen2-VL trained on the synthetic settings, shipped in the
+# repository), on CPU, offline. Results under demo/results, figures under demo/figures. Extra arguments go to
+# every figure (e.g. model=tiny_qwen2vl,tiny_gemma3 for the untrained twins).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 common=(model=organism results_dir=demo/results device=cpu "$@")
-figure() { local name=$1; shift; bash "scripts/$name.sh" "${common[@]}" figures_dir="demo/figures/$name" "$@"; }
+figure() { local name=$1; shift; bash scripts/figure.sh "$name" "${common[@]}" figures_dir="demo/figures/$name" "$@"; }
 figure table1_accuracy
 figure fig02_last_token n_pairs=24
 figure fig06_object_patching n_pairs=24
@@ -16,7 +16,6 @@ figure table2_ablation n=96
 figure fig08_ablated_patching n_pairs=24
 figure fig04_probes embeddings_dir=demo/embeddings
 figure fig31_grid_probes embeddings_dir=demo/embeddings
-PY=${PYTHON:-python}
 # What'sUp is not shipped: the demo makes stand-in photographs in its layout (data_gen/whatsup.py)
 [ -d demo/whatsup_stand_in ] || "$PY" -m data_gen.whatsup stand_in demo/whatsup_stand_in
 whatsup=(data.whatsup_dir=demo/whatsup_stand_in embeddings_dir=demo/embeddings)
@@ -24,5 +23,5 @@ figure table1_accuracy setting=whatsup data.whatsup_dir=demo/whatsup_stand_in
 figure fig33_whatsup_probes "${whatsup[@]}"
 figure table3_amplification "${whatsup[@]}" 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
   'adaptvis.thresholds=[0.5]'
-"$PY" -m patching.benchmark model=organism n_pairs=4 device=cpu results_dir=demo/results
+"$PY" -m runner experiment=benchmark "${common[@]}" n_pairs=4
 echo "demo finished: results in demo/results, figures in demo/figures"

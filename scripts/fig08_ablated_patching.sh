@@ -1,12 +1,5 @@
 #!/usr/bin/env bash
-# Fig 8, 17, 18: the ablated_patching experiment on every model and setting, then the figure (figures/fig08_ablated_patching/).
-#   bash scripts/fig08_ablated_patching.sh                                          # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/fig08_ablated_patching.sh model=organism n_pairs=4          # CPU smoke run
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-DEFAULT_MODELS="qwen2vl_7b gemma3_4b"
-DEFAULT_SETTINGS="squares shapes objects"
-parse_args "$@"
-run_grid patching.run experiment=ablated_patching
-plot_figure fig08_ablated_patching
+# Fig 8, 17, 18: object patching after ablation: its grid (configs/sweep/fig08_ablated_patching.yaml), then figures/fig08_ablated_patching/.
+#   bash scripts/fig08_ablated_patching.sh                 # qwen2vl_7b and gemma3_4b on a GPU
+#   bash scripts/fig08_ablated_patching.sh model=organism n_pairs=4 device=cpu   # CPU smoke run
+exec bash "$(dirname "$0")/figure.sh" fig08_ablated_patching "$@"

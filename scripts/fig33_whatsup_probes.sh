@@ -1,14 +1,5 @@
 #!/usr/bin/env bash
-# Fig 33-35: horizontal position probes on What'sUp composites (tokens inside each item's box labelled by its
-# position), then the example composite with its boxes and the heat maps (figures/fig33_whatsup_probes/).
-#   bash scripts/fig33_whatsup_probes.sh data.whatsup_dir=DIR                     # qwen2vl_7b and gemma3_4b, GPU
-#   python -m data_gen.whatsup stand_in /tmp/whatsup_stand_in
-#   bash scripts/fig33_whatsup_probes.sh model=organism data.whatsup_dir=/tmp/whatsup_stand_in device=cpu
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-DEFAULT_MODELS="qwen2vl_7b gemma3_4b"
-DEFAULT_SETTINGS="whatsup"
-parse_args "$@"
-run_grid probing.run experiment=whatsup_probes
-plot_figure fig33_whatsup_probes
+# Fig 33-35: probes on What'sUp composites: its grid (configs/sweep/fig33_whatsup_probes.yaml), then figures/fig33_whatsup_probes/.
+#   bash scripts/fig33_whatsup_probes.sh                 # qwen2vl_7b and gemma3_4b on a GPU
+#   bash scripts/fig33_whatsup_probes.sh model=organism data.whatsup_dir=DIR data.whatsup_boxes=FILE device=cpu   # CPU smoke run
+exec bash "$(dirname "$0")/figure.sh" fig33_whatsup_probes "$@"

@@ -1,12 +1,5 @@
 #!/usr/bin/env bash
-# Table 2, Table 5: the ablation experiment on every model and setting, then the figure (figures/table2_ablation/).
-#   bash scripts/table2_ablation.sh                                          # qwen2vl_7b and gemma3_4b, GPU
-#   bash scripts/table2_ablation.sh model=organism n=16              # CPU smoke run
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-DEFAULT_MODELS="qwen2vl_7b gemma3_4b"
-DEFAULT_SETTINGS="squares shapes objects"
-parse_args "$@"
-run_grid patching.run experiment=ablation
-plot_figure table2_ablation
+# Table 2 and Table 5: accuracy after ablating ordering: its grid (configs/sweep/table2_ablation.yaml), then figures/table2_ablation/.
+#   bash scripts/table2_ablation.sh                 # qwen2vl_7b and gemma3_4b on a GPU
+#   bash scripts/table2_ablation.sh model=organism n=16 device=cpu   # CPU smoke run
+exec bash "$(dirname "$0")/figure.sh" table2_ablation "$@"

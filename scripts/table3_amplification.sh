@@ -1,16 +1,5 @@
 #!/usr/bin/env bash
-# Table 3: probe amplification on What'sUp composites, next to no intervention, random directions, ScalingVis
-# and AdaptVis (steering/run.py), then the table and the alpha curves (figures/table3_amplification/).
-# What'sUp is not shipped: see figures/table3_amplification/README.md for how to get it.
-#   bash scripts/table3_amplification.sh data.whatsup_dir=DIR                    # qwen2vl_7b and gemma3_4b, GPU
-#   python -m data_gen.whatsup stand_in /tmp/whatsup_stand_in                    # stand-in photos, then:
-#   bash scripts/table3_amplification.sh model=organism data.whatsup_dir=/tmp/whatsup_stand_in \
-#        alphas=[1,2] random_seeds=[0] device=cpu                                # CPU smoke run
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/lib.sh
-DEFAULT_MODELS="qwen2vl_7b gemma3_4b"
-DEFAULT_SETTINGS="whatsup"
-parse_args "$@"
-run_grid steering.run experiment=amplification
-plot_figure table3_amplification
+# Table 3: probe amplification, random directions, ScalingVis, AdaptVis: its grid (configs/sweep/table3_amplification.yaml), then figures/table3_amplification/.
+#   bash scripts/table3_amplification.sh                 # qwen2vl_7b and gemma3_4b on a GPU
+#   bash scripts/table3_amplification.sh model=organism data.whatsup_dir=DIR alphas=[1,2] random_seeds=[0] device=cpu   # CPU smoke run
+exec bash "$(dirname "$0")/figure.sh" table3_amplification "$@"

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from vlm.cli import check_choice
+from common.errors import check_choice
 
 VARIANTS = ("predicted", "every_class")
 

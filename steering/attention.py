@@ -25,7 +25,7 @@ from contextlib import contextmanager
 
 import torch
 
-from vlm.cli import UsageError, check_choice
+from common.errors import UsageError, check_choice
 from vlm.models import VLM
 
 QUERIES = ("last", "all")      # query rows that are rescaled: the last position (the authors'), or every one
@@ -99,7 +99,7 @@ def scale_image_attention(vlm: VLM, inputs, coefficient, layers=None, queries: s
     try:
         if bool((log_coefficients != 0).any()):       # all ones: nothing to change, not even the mask's form
             for layer in layers:
-                attention = vlm.decoder_layers[layer].self_attn
+                attention = vlm.attention_modules[layer]
                 handles.append(attention.register_forward_pre_hook(add_log_coefficient, with_kwargs=True))
         yield
     finally:

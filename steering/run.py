@@ -1,7 +1,7 @@
-"""Probe amplification against its baselines on What'sUp composites (paper Table 3; SPEC 4 `amplification`,
-SPEC 5), saved under results/amplification/<model>/whatsup/.
+"""Probe amplification against its baselines on What'sUp composites (paper Table 3; docs/experiments.md,
+"amplification" and "Baselines: ScalingVis and AdaptVis"), saved under results/amplification/<model>/whatsup/.
 
-    python -m steering.run model=qwen2vl_7b data.whatsup_dir=DIR [alphas=[1,5,10] variants=[predicted,every_class]]
+    python -m runner experiment=amplification model=qwen2vl_7b data.whatsup_dir=DIR [alphas=[1,5,10]]
 
 1. A horizontal position probe: fit on the item tokens of the train split's visual embeddings (cached as in
    experiment=whatsup_probes), or read from `probes_from`.
@@ -21,14 +21,16 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from common.errors import UsageError, check_choice
+from common.results import fmt_metric
 from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, whatsup_root
-from probing.extract import load_or_extract, model_loader
+from probing.extract import load_or_extract
 from probing.probes import Probe, fit_item_probe, load_probe
 from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
-from vlm.cli import UsageError, check_choice, entrypoint
-from vlm.results import is_done, save_unit, unit_dir
+from steering.attention import adaptvis_coefficients, scaled_logits
+from vlm.scoring import AnswerScorer
 
 EXPERIMENT = "amplification"
 CONFIDENCES = ("vocab", "candidates")
@@ -93,8 +95,6 @@ def predictions(vlm, scorer, samples, probe: Probe, directions: dict, cfg: DictC
     `random.<variant>` (seeds, A, n), scalingvis (coefficients, n), adaptvis (thresholds, n).
 
     `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
-    from steering.attention import adaptvis_coefficients, scaled_logits
-
     alphas, variants = [float(a) for a in cfg.alphas], list(cfg.variants)
     out = {"none": [], "scalingvis": [], "adaptvis": []}
     out |= {f"probe.{v}": [] for v in variants} | {f"random.{v}": [] for v in variants}
@@ -157,23 +157,17 @@ def grid_of(cfg: DictConfig, method: str) -> list[float]:
     return [float(a) for a in cfg.alphas]
 
 
-def run(cfg: DictConfig) -> None:
+def amplification(cfg: DictConfig, get_vlm):
+    """The amplification experiment (Table 3): (metrics, arrays) of every method on the val and test splits."""
     check_inputs(cfg)
     setting = Setting.from_config(cfg.setting)
-    out = unit_dir(cfg, EXPERIMENT)
-    if is_done(out) and not cfg.redo:
-        print(f"{EXPERIMENT}: {out} exists, skipping (redo=true to recompute)")
-        return
     split_samples = {name: setting_samples(cfg, name) for name in ("val", "test")}
     for name, samples in split_samples.items():
         if not samples:
             raise UsageError(f"the What'sUp {name} split is empty: raise setting.n_composites or "
                              f"setting.splits.{name}")
-    get_vlm = model_loader(cfg)
     probe, probe_info = get_probe(cfg, setting, get_vlm)
     vlm = get_vlm()
-    from vlm.scoring import AnswerScorer
-
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     probe_dirs = probe.directions(unit=bool(cfg.unit_directions)).astype(np.float32)
     norms = np.linalg.norm(probe_dirs, axis=-1)
@@ -199,18 +193,8 @@ def run(cfg: DictConfig) -> None:
         grid = grid_of(cfg, method.split(".")[0])
         metrics["chosen"][method] = grid[k]
         metrics["table"][method] = {"value": grid[k], **metrics["splits"]["test"][method]["curve"][k]}
-    save_unit(out, metrics, arrays, cfg)
     for method, m in metrics["table"].items():
         value = f" at {m['value']:g}" if "value" in m else ""
         print(f"{EXPERIMENT} {vlm.name} test {method}{value}: accuracy {m['accuracy']:.3f}, corrected "
-              f"{m['corrected']:.3f}, broken {m['broken']:.3f}")
-    print(f"-> {out}")
-
-
-@entrypoint(experiment="amplification")
-def main(cfg: DictConfig) -> None:
-    run(cfg)
-
-
-if __name__ == "__main__":
-    main()
+              f"{fmt_metric(m['corrected'])}, broken {fmt_metric(m['broken'])}")
+    return metrics, arrays

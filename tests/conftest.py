@@ -6,7 +6,7 @@ import os
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vlm.cli import CONFIG_DIR
+from common.cli import CONFIG_DIR
 
 TWINS = ["tiny_qwen2vl", "tiny_gemma3"]
 

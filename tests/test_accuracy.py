@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from accuracy.experiment import accuracy_metrics
+from common.results import load_unit, unit_dir
+from runner import run_unit
 from tests.conftest import make_cfg
-from vlm.accuracy import accuracy_metrics, run
-from vlm.results import load_unit, unit_dir
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -31,8 +32,8 @@ def test_accuracy_metrics_counts_correct_predictions():
 
 def test_accuracy_run_writes_resumes_and_redoes(tmp_path, capsys):
     cfg = make_cfg("model=tiny_qwen2vl", "setting=squares", "n=8", "batch_size=4", f"results_dir={tmp_path}")
-    run(cfg)
-    out = unit_dir(cfg, "accuracy")
+    run_unit(cfg)
+    out = unit_dir(cfg)
     record, arrays = load_unit(out)
     metrics = record["metrics"]
     assert metrics["n"] == 8 and 0.0 <= metrics["accuracy"] <= 1.0
@@ -45,10 +46,10 @@ def test_accuracy_run_writes_resumes_and_redoes(tmp_path, capsys):
     assert not list(tmp_path.rglob("*.tmp"))
 
     stamp = (out / "metrics.json").stat().st_mtime_ns
-    run(cfg)
+    run_unit(cfg)
     assert "skipping" in capsys.readouterr().out
     assert (out / "metrics.json").stat().st_mtime_ns == stamp
-    run(make_cfg("model=tiny_qwen2vl", "setting=squares", "n=8", f"results_dir={tmp_path}", "redo=true"))
+    run_unit(make_cfg("model=tiny_qwen2vl", "setting=squares", "n=8", f"results_dir={tmp_path}", "redo=true"))
     assert (out / "metrics.json").stat().st_mtime_ns != stamp
     assert json.loads((out / "metrics.json").read_text())["metrics"]["n"] == 8
 
@@ -63,7 +64,7 @@ def test_accuracy_run_writes_resumes_and_redoes(tmp_path, capsys):
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, args, needle):
     device = [] if any(a.startswith("device=") for a in args) else ["device=cpu"]
-    proc = subprocess.run([sys.executable, "-m", "vlm.accuracy", *args, *device, "n=4",
+    proc = subprocess.run([sys.executable, "-m", "runner", *args, *device, "n=4",
                            f"results_dir={tmp_path / 'results'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0

@@ -4,6 +4,7 @@ columns rescaled, hooks always removed, AdaptVis's choice of coefficient."""
 import pytest
 import torch
 
+from common.errors import UsageError
 from data_gen.render import random_samples
 from data_gen.settings import Setting
 from steering.attention import (
@@ -14,7 +15,6 @@ from steering.attention import (
     scaled_logits,
 )
 from tests.conftest import TWINS, make_cfg
-from vlm.cli import UsageError
 from vlm.hooks import capture
 from vlm.models import load_model
 from vlm.scoring import AnswerScorer

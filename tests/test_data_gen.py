@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from data_gen.pairs import (
-    ablation_sources,
-    empty_image,
-    isolated_middle_image,
-    last_token_pairs,
-    mirror_pairs,
-    random_shape_grids,
-    shape_grid,
-)
-from data_gen.render import draw_scene, glyph_image, random_samples
-from data_gen.scenes import (
+from common.cli import CONFIG_DIR
+from common.errors import UsageError
+from common.geometry import (
     Grid,
     Layout,
     LayoutError,
@@ -32,8 +24,17 @@ from data_gen.scenes import (
     strip_box,
     token_indices,
 )
+from data_gen.pairs import (
+    ablation_sources,
+    empty_image,
+    isolated_middle_image,
+    last_token_pairs,
+    mirror_pairs,
+    random_shape_grids,
+    shape_grid,
+)
+from data_gen.render import draw_scene, glyph_image, random_samples
 from data_gen.settings import DIRECTIONS, PREPOSITIONS, Setting
-from vlm.cli import CONFIG_DIR, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"qwen2vl_7b": (336, 12, 28), "gemma3_4b": (896, 16, 56)}   # image side, tokens per side, px per token

@@ -9,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+from common.geometry import line_boxes, token_indices
+from common.results import load_unit, unit_dir
 from data_gen.pairs import empty_image, isolated_middle_image, mirror_pairs
 from data_gen.render import random_samples
-from data_gen.scenes import line_boxes, token_indices
 from data_gen.settings import Setting
 from patching.ablation import Ablator
 from patching.engine import PatchingEngine
 from patching.experiments import ablation, last_token, mirror_patching, mirror_plan
 from patching.interventions import VISUAL
-from patching.run import run
+from runner import run_unit
 from tests.conftest import make_cfg
-from vlm.accuracy import score_samples
-from vlm.results import load_unit, unit_dir
-from vlm.scoring import AnswerScorer
+from vlm.scoring import AnswerScorer, score_samples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,8 +33,7 @@ def test_last_token_patch_after_the_last_layer_gives_the_counterfactual(twin):
     """After the last layer the last position's residual is all the logits see: every outcome there must equal
     the unpatched counterfactual run's, for every pair."""
     cfg = experiment_cfg(twin, "last_token", "n_pairs=4", "batch_size=3")
-    setting = Setting.from_config(cfg.setting)
-    metrics, arrays = last_token(twin, setting, cfg)
+    metrics, arrays = last_token(cfg, lambda: twin)
     assert metrics["sites"] == [str(layer) for layer in range(twin.n_layers)]
     for outcome in ("clean", "ordering", "value"):
         assert arrays[f"p_{outcome}"].shape == (4, twin.n_layers)
@@ -94,7 +92,7 @@ def test_ablated_embeddings_hold_items_not_positions(twin):
 def test_ablation_scores_original_images_like_the_accuracy_experiment(twin):
     cfg = experiment_cfg(twin, "ablation", "n=8", "batch_size=4")
     setting = Setting.from_config(cfg.setting)
-    metrics, arrays = ablation(twin, setting, cfg)
+    metrics, arrays = ablation(cfg, lambda: twin)
     samples = random_samples(setting, twin.grid, twin.layout, 8, cfg.seed)
     probs, _ = score_samples(twin, AnswerScorer(twin.tokenizer, setting.candidates), samples, 4)
     np.testing.assert_allclose(arrays["probs_original"], probs, rtol=1e-4, atol=1e-6)
@@ -104,8 +102,8 @@ def test_ablation_scores_original_images_like_the_accuracy_experiment(twin):
 
 def test_strip_patching_runs_end_to_end_and_redraws(tmp_path, twin):
     cfg = experiment_cfg(twin, "strip_patching", "n_pairs=2", f"results_dir={tmp_path}")
-    run(cfg)
-    record, arrays = load_unit(unit_dir(cfg, "strip_patching"))
+    run_unit(cfg)
+    record, arrays = load_unit(unit_dir(cfg))
     assert record["metrics"]["sites"] == ["visual", *map(str, range(twin.n_layers))]
     assert arrays["p_swapped"].shape == (2, twin.n_layers + 1)
     out = tmp_path / "figure"
@@ -117,18 +115,19 @@ def test_strip_patching_runs_end_to_end_and_redraws(tmp_path, twin):
 
 def test_ablated_patching_has_layer_sites_only(twin):
     cfg = experiment_cfg(twin, "ablated_patching", "n_pairs=2", "layers=[0]")
-    metrics, arrays = mirror_patching(twin, Setting.from_config(cfg.setting), cfg)
+    metrics, arrays = mirror_patching(cfg, lambda: twin)
     assert metrics["sites"] == ["0"] and metrics["ablated"] and arrays["p_clean"].shape == (2, 1)
 
 
 @pytest.mark.parametrize("args,needle", [
     (["experiment=last_token", "n_pairs=1", "layers=[0,99]"], "layer 99"),
     (["experiment=last_token", "n_pairs=1", "patch_visual=true"], "patch_visual"),
-    (["experiment=accuracy"], "accuracy"),
+    (["experiment=no_such_experiment"], "no_such_experiment"),
+    (["experiment=last_token", "setting=whatsup"], "does not run on setting"),
     (["experiment=object_patching", "n_pairs=1", "region=diagonal"], "diagonal"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
-    done = subprocess.run([sys.executable, "-m", "patching.run", "model=tiny_qwen2vl", "device=cpu",
+    done = subprocess.run([sys.executable, "-m", "runner", "model=tiny_qwen2vl", "device=cpu",
                            f"results_dir={tmp_path}", *args], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr and "Traceback" not in done.stderr

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from common.geometry import pixel_box
 from data_gen.render import random_samples
-from data_gen.scenes import pixel_box
 from data_gen.settings import DIRECTIONS, Setting
 from tests.conftest import make_cfg
 from vlm.hooks import Hook, capture, hooks

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UsageError
+from common.geometry import Grid, Layout, line_boxes, line_offsets, strip_box
 from data_gen.pairs import mirror_pairs
-from data_gen.scenes import Grid, Layout, line_boxes, line_offsets, strip_box
 from data_gen.settings import Setting
-from patching.experiments import EXPERIMENTS
+from organisms.train import evaluate, question_splits, train
+from patching.experiments import ablation, last_token, mirror_patching
 from patching.interventions import edit_visual_tokens
 from tests.conftest import make_cfg
-from vlm.cli import UsageError
 from vlm.models import load_model
-from vlm.organism import evaluate, question_splits, train
 from vlm.scoring import AnswerScorer
 
 
@@ -60,7 +60,7 @@ def test_line_offsets_are_every_shift_that_fits():
     assert {d_row for d_row, _ in vertical} == {0} and len(vertical) == 11
 
 
-# --- the shipped organism (vlm/organism/, card: vlm/organism/README.md): behaviour observed, then pinned ---
+# --- the shipped organism (organisms/organism/, card: organisms/organism/README.md): behaviour observed, then pinned ---
 
 @pytest.fixture(scope="module")
 def organism():
@@ -70,7 +70,7 @@ def organism():
 def test_the_shipped_card_is_reproduced_by_its_evaluate_command():
     cfg = make_cfg(config_name="organism")
     card = json.loads((Path(cfg.out) / "card.json").read_text())
-    report = evaluate(cfg)                            # what `python -m vlm.organism evaluate=true` prints
+    report = evaluate(cfg)                            # what `python -m organisms.train evaluate=true` prints
     assert set(report) == set(card["held_out"]) == {"squares", "shapes", "objects"}
     for name, numbers in card["held_out"].items():
         assert report[name]["n"] == numbers["n"]
@@ -109,7 +109,7 @@ def test_the_organism_has_its_value_at_the_last_token_by_layer_2(organism):
     layer 2 on (observed P(e) 0.88 at layer 2, 1.00 at layer 3 on squares), not at layer 0 (0.08), where the
     clean answer still wins."""
     cfg = make_cfg("model=organism", "setting=squares", "experiment=last_token", "n_pairs=8")
-    metrics, _ = EXPERIMENTS["last_token"](organism, Setting.from_config(cfg.setting), cfg)
+    metrics, _ = last_token(cfg, lambda: organism)
     value, clean = metrics["outcomes"]["value"]["mean"], metrics["outcomes"]["clean"]["mean"]
     assert metrics["sites"] == ["0", "1", "2", "3"]
     assert value[2] >= 0.6 and value[3] >= 0.95
@@ -121,10 +121,10 @@ def test_ablating_vision_ordering_leaves_the_organism_right(organism):
     it was (observed 0.98 -> 0.98), as they must for a model that reads order from positions; and strip patching
     (Fig 7) never moves its answer (P(b) <= 0.01 at every site)."""
     cfg = make_cfg("model=organism", "setting=squares", "experiment=ablation", "n=16")
-    metrics, _ = EXPERIMENTS["ablation"](organism, Setting.from_config(cfg.setting), cfg)
+    metrics, _ = ablation(cfg, lambda: organism)
     assert metrics["original"]["accuracy"] >= 0.9 and metrics["ablated"]["accuracy"] >= 0.9
     cfg = make_cfg("model=organism", "setting=squares", "experiment=strip_patching", "n_pairs=4")
-    metrics, _ = EXPERIMENTS["strip_patching"](organism, Setting.from_config(cfg.setting), cfg)
+    metrics, _ = mirror_patching(cfg, lambda: organism)
     assert max(metrics["outcomes"]["swapped"]["mean"]) <= 0.05
     assert metrics["outcomes"]["clean"]["unpatched_clean"] >= 0.9
 

@@ -3,8 +3,8 @@ with the naive one-forward-per-site loop."""
 
 import torch
 
+from common.geometry import token_indices
 from data_gen.pairs import last_token_pairs, mirror_pairs
-from data_gen.scenes import token_indices
 from data_gen.settings import Setting
 from patching.engine import PatchingEngine, PatchPlan, naive_sweep
 from patching.interventions import edit_residual, read_sites, site_names

@@ -10,15 +10,15 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from data_gen.scenes import Grid, Layout, grid_boxes, line_boxes, strip_box, token_indices
+from common.geometry import Grid, Layout, grid_boxes, line_boxes, strip_box, token_indices
+from common.results import load_unit, save_unit, unit_dir
 from data_gen.settings import Setting
 from probing.extract import Embeddings, arrangement_samples, load_or_extract, split_path
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
 from probing.plots import draw_figure
 from probing.probes import fit_probe, item_examples, load_probe
-from probing.run import run
+from runner import run_unit
 from tests.conftest import make_cfg
-from vlm.results import load_unit, save_unit, unit_dir
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN_GRID, QWEN_LAYOUT = Grid(12, 12, 28), Layout(2, 2, 4)
@@ -26,7 +26,7 @@ QWEN_GRID, QWEN_LAYOUT = Grid(12, 12, 28), Layout(2, 2, 4)
 
 def planted_split(rng, n_images, directions, orientation="horizontal", noise=0.3):
     """Embeddings (n_images, 144, hidden) of a Qwen-geometry line whose every token carries the direction of
-    its strip's position (the strips of data_gen.scenes.strip_box), plus a random per-item content vector
+    its strip's position (the strips of common.geometry.strip_box), plus a random per-item content vector
     and noise. Returns (tokens, item_tokens (n, 3, 4), labels (n, 3), boxes (3, 4), planted map (12, 12))."""
     boxes = line_boxes(QWEN_GRID, QWEN_LAYOUT, orientation)
     planted = np.zeros((12, 12), int)
@@ -142,8 +142,8 @@ def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monk
             f"results_dir={tmp_path / 'results'}", f"embeddings_dir={tmp_path / 'emb'}"]
     monkeypatch.setattr("vlm.models.load_model", lambda cfg: twin)
     cfg = make_cfg(*args)
-    run(cfg)
-    out = unit_dir(cfg, "probes")
+    run_unit(cfg)
+    out = unit_dir(cfg)
     record, arrays = load_unit(out)
     rows, cols = twin.grid.rows, twin.grid.cols
     per_item = twin.layout.item_tokens ** 2
@@ -161,7 +161,7 @@ def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monk
         assert load_probe(out, orientation).directions().shape == (3, twin.model.config.text_config.hidden_size)
 
     stamp = (out / "metrics.json").stat().st_mtime_ns
-    run(cfg)
+    run_unit(cfg)
     assert "skipping" in capsys.readouterr().out and (out / "metrics.json").stat().st_mtime_ns == stamp
 
     def no_model(cfg):
@@ -169,8 +169,8 @@ def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monk
 
     monkeypatch.setattr("vlm.models.load_model", no_model)
     refit = make_cfg(*args, f"results_dir={tmp_path / 'refit'}")
-    run(refit)
-    _, again = load_unit(unit_dir(refit, "probes"))
+    run_unit(refit)
+    _, again = load_unit(unit_dir(refit))
     assert np.array_equal(again["horizontal.weight"], arrays["horizontal.weight"])
 
     assert draw_figure(tmp_path / "results", tmp_path / "fig", "probes", lambda m: "", "x") == 0
@@ -185,8 +185,8 @@ def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=grid_probes", "n_train=3", "n_test=2",
                    f"results_dir={tmp_path / 'results'}", f"embeddings_dir={tmp_path / 'emb'}")
     assert cfg.setting.name == "shapes"
-    run(cfg)
-    record, arrays = load_unit(unit_dir(cfg, "grid_probes"))
+    run_unit(cfg)
+    record, arrays = load_unit(unit_dir(cfg))
     probes = record["metrics"]["probes"]
     assert list(probes) == [f"{n}x{n}_{t}" for n in (2, 3) for t in ("row", "col", "cell")]
     for name, k in [("2x2_row", 2), ("2x2_cell", 4), ("3x3_col", 3), ("3x3_cell", 9)]:
@@ -195,7 +195,7 @@ def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
         assert (arrays[f"{name}.item_map"] >= 0).sum() == int(name[0]) ** 2 * 4
     assert probes["3x3_cell"]["n_test_tokens"] == 2 * 9 * 4
     assert arrays["2x2_row.item_map"][3:5, 3:5].tolist() == [[0, 0], [0, 0]]
-    assert load_probe(unit_dir(cfg, "grid_probes"), "3x3_cell").directions().shape == (9, 64)
+    assert load_probe(unit_dir(cfg), "3x3_cell").directions().shape == (9, 64)
     assert draw_figure(tmp_path / "results", tmp_path / "fig", "grid_probes", lambda m: m["arrangement"], "x") == 0
     assert sorted(p.name for p in (tmp_path / "fig").glob("*.png")) == \
         ["grid_probes_tiny_qwen2vl_shapes_2x2.png", "grid_probes_tiny_qwen2vl_shapes_3x3.png"]
@@ -208,7 +208,7 @@ def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
     (["experiment=grid_probes", "grid_sizes=[7]"], "7 x 7"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, args, needle):
-    proc = subprocess.run([sys.executable, "-m", "probing.run", "model=tiny_qwen2vl", "setting=squares",
+    proc = subprocess.run([sys.executable, "-m", "runner", "experiment=probes", "model=tiny_qwen2vl", "setting=squares",
                            "device=cpu", *args, f"results_dir={tmp_path / 'results'}",
                            f"embeddings_dir={tmp_path / 'emb'}"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)

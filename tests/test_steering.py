@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from common.results import load_unit, unit_dir
 from data_gen.samples import setting_samples
 from data_gen.whatsup import load_splits, write_stand_in
 from probing.probes import fit_probe
+from runner import run_unit
 from steering.amplify import amplify, choose, outcome_metrics, random_directions, token_classes
-from steering.run import run
 from tests.conftest import make_cfg
-from vlm.results import load_unit, unit_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ("alphas=[0,1,2]", "random_seeds=[0,1]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
@@ -109,8 +109,8 @@ def test_whatsup_samples_are_both_directions_of_one_split(stand_in):
 def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
                    f"results_dir={tmp_path / 'results'}", "variants=[predicted,every_class]", *SMALL)
-    run(cfg)
-    record, arrays = load_unit(unit_dir(cfg, "amplification"))
+    run_unit(cfg)
+    record, arrays = load_unit(unit_dir(cfg))
     metrics = record["metrics"]
     n_val, n_test = (2 * len(load_splits(cfg)[s]) for s in ("val", "test"))
     assert arrays["test.pred.probe.predicted"].shape == (3, n_test)
@@ -144,10 +144,10 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     ([], "data.whatsup_dir is not set"),
     (["data.whatsup_dir=/no/such/whatsup"], "/no/such/whatsup"),
     (["data.whatsup_dir=.", "variants=[sideways]"], "sideways"),
-    (["data.whatsup_dir=.", "setting=squares"], "setting=whatsup"),
+    (["data.whatsup_dir=.", "setting=squares"], "does not run on setting 'squares'"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
-    done = subprocess.run([sys.executable, "-m", "steering.run", "model=tiny_qwen2vl", "device=cpu",
+    done = subprocess.run([sys.executable, "-m", "runner", "experiment=amplification", "model=tiny_qwen2vl", "device=cpu",
                            f"results_dir={tmp_path / 'results'}", *args], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
@@ -158,12 +158,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, need
 def test_whatsup_probes_label_every_token_of_unequal_boxes(stand_in, tmp_path):
     """Gemma's 16 columns cut at thirds give parts of 5, 6 and 5 columns: item tokens are padded with -1 and
     every token inside a box is a training example labelled with the box's position."""
-    from probing.run import run as run_probes
-
     cfg = make_cfg("model=tiny_gemma3", "experiment=whatsup_probes", f"data.whatsup_dir={stand_in}",
                    f"results_dir={tmp_path}", f"embeddings_dir={tmp_path / 'emb'}", "n_train=3", "n_test=2")
-    run_probes(cfg)
-    record, arrays = load_unit(unit_dir(cfg, "whatsup_probes"))
+    run_unit(cfg)
+    record, arrays = load_unit(unit_dir(cfg))
     m = record["metrics"]["probes"]["horizontal"]
     assert m["n_train_images"] == 3 and m["n_train_tokens"] == 3 * 16 * 16 and m["n_test_images"] == 2
     item_map = arrays["horizontal.item_map"]

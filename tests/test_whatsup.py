@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_gen.scenes import Grid
+from common.errors import UsageError
+from common.geometry import Grid
 from data_gen.settings import Setting
 from data_gen.whatsup import (
     STAND_IN_COLORS,
@@ -25,7 +26,6 @@ from data_gen.whatsup import (
     write_stand_in,
 )
 from tests.conftest import load_twin, make_cfg
-from vlm.cli import UsageError
 from vlm.scoring import AnswerScorer
 
 COLORS = STAND_IN_COLORS

@@ -1,18 +1,22 @@
 """Load a VLM from a model config (real checkpoint, full-size random architecture, or tiny twin) and
 answer what experiments ask of it: visual grid, modules, visual token positions, chat prompts, logits."""
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 
-from data_gen.scenes import Grid, Layout
+from common.errors import UsageError, check_choice
+from common.geometry import Grid, Layout
 from vlm.adapters import ADAPTERS, FamilyAdapter
-from vlm.cli import UsageError, check_choice
-from vlm.hooks import Hook, capture, hooks
+from vlm.hooks import capture
 from vlm.twins import build_parts, chat_messages, ensure_twin, initialise_zero_weights
 
 INITS = ("pretrained", "random")
@@ -46,6 +50,11 @@ class VLM:
     @property
     def decoder_layers(self) -> torch.nn.ModuleList:
         return self.adapter.decoder_layers(self.model)
+
+    @property
+    def attention_modules(self) -> list[torch.nn.Module]:
+        """Each LM decoder layer's self-attention module, in layer order."""
+        return self.adapter.attention_modules(self.model)
 
     @property
     def n_layers(self) -> int:
@@ -97,19 +106,8 @@ class VLM:
         """(batch, vocab) float32 next-token logits at the last position; only that position is projected.
 
         `visual_tokens` (batch, tokens, hidden), when given, are used as the visual embeddings instead of
-        running the vision tower on `inputs["pixel_values"]` (an image's embeddings are computed once)."""
-        if visual_tokens is None:
-            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
-        visual_tokens = visual_tokens.to(self.device, self.model.dtype)
-        if _accepts_encoder_outputs(self.model):
-            inputs = {k: v for k, v in inputs.items() if k != "pixel_values"}
-            encoded = self.adapter.encoder_outputs(visual_tokens)
-            return self.model(**inputs, mm_encoder_outputs={"image": encoded}, logits_to_keep=1).logits[:, -1].float()
-        # a transformers without `mm_encoder_outputs`: the tower runs, its projected output is replaced
-        replace = Hook(self.visual_embedding_module,
-                       lambda output: self.adapter.visual_embeddings_from_tokens(visual_tokens, output))
-        with hooks(replace):
-            return self.model(**inputs, logits_to_keep=1).logits[:, -1].float()
+        running the vision tower on the inputs' pixels (an image's embeddings are computed once)."""
+        return self.adapter.forward(self.model, inputs, visual_tokens, logits_to_keep=1).logits[:, -1].float()
 
     @torch.no_grad()
     def image_embeddings(self, images, batch_size: int, desc: str | None = None, device=None) -> torch.Tensor:
@@ -128,18 +126,19 @@ class VLM:
         """(batch, tokens, hidden) visual embeddings of the inputs' images, tokens in row-major grid order."""
         with capture({"visual": self.visual_embedding_module}) as cache:
             self.adapter.image_features(self.model, inputs)
-        return self.adapter.visual_embeddings_to_tokens(cache["visual"], inputs["input_ids"].shape[0])
-
-
-def _accepts_encoder_outputs(model) -> bool:
-    import inspect
-
-    return "mm_encoder_outputs" in inspect.signature(model.model.forward).parameters
+        return self.adapter.visual_tokens(cache["visual"], self.n_visual_tokens)
 
 
 def resolve_device(device: str) -> torch.device:
+    """`device` as a torch device. auto: cpu without CUDA; with several GPUs inside a Hydra multirun, job k takes
+    GPU k mod count (parallel launchers, configs/hydra/launcher/gpus.yaml); else cuda."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        count = torch.cuda.device_count()
+        if count == 0:
+            return torch.device("cpu")
+        if count > 1 and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return torch.device("cuda", HydraConfig.get().job.num % count)
+        return torch.device("cuda")
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
@@ -157,19 +156,19 @@ def load_model(cfg: DictConfig) -> VLM:
     mcfg = cfg.model
     check_choice("model family", mcfg.family, ADAPTERS)
     check_choice("model.init", mcfg.init, INITS)
-    adapter = ADAPTERS[mcfg.family]
+    adapter = ADAPTERS[mcfg.family](mcfg.modules)
     device = resolve_device(cfg.device)
     dtype = getattr(torch, mcfg.dtype)
     grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
 
     if mcfg.init == "random":
-        _, tokenizer, image_processor, config = build_parts(mcfg, cfg.system_prompt)
+        tokenizer, image_processor, config = build_parts(adapter, mcfg, cfg.system_prompt)
         with torch.device(device):
             model = adapter.model_class._from_config(config, dtype=dtype,
                                                      attn_implementation=mcfg.attn_implementation)
         initialise_zero_weights(model, config)
     else:
-        path = str(ensure_twin(mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path, mcfg.get("made_by"))
+        path = str(ensure_twin(adapter, mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path, mcfg.get("made_by"))
         tokenizer, image_processor, model = _from_pretrained(adapter, path, mcfg, device, dtype)
     model.eval().requires_grad_(False)
     tokenizer.padding_side = "left"
@@ -213,3 +212,9 @@ def _check_grid(vlm: VLM) -> None:
     if (rows, cols, ppt) != expected:
         raise UsageError(f"model {vlm.name} makes a {rows} x {cols} visual grid of {ppt} px tokens, but its config "
                          f"says {expected[0]} x {expected[1]} of {expected[2]} px")
+
+
+def model_loader(cfg: DictConfig) -> Callable[[], VLM]:
+    """`get_vlm()` for an experiment: loads `cfg`'s model (load_model) on its first call and returns that same
+    model on every later one, so an experiment that finds everything it needs cached never loads it."""
+    return functools.cache(lambda: load_model(cfg))

@@ -1,9 +1,11 @@
-"""Candidate-answer scoring (SPEC 1): a candidate's score is the next-token probability of its first token,
-summed over its surface forms (`red`, `Red`, ` red`, ` Red`) that start with distinct tokens."""
+"""Candidate-answer scoring (docs/experiments.md, "Scoring"): a candidate's score is the next-token probability
+of its first token, summed over its surface forms (`red`, `Red`, ` red`, ` Red`) that start with distinct
+tokens."""
 
 import torch
+from tqdm import tqdm
 
-from vlm.cli import UsageError
+from common.errors import UsageError
 from vlm.twins import surface_forms
 
 
@@ -55,3 +57,15 @@ class AnswerScorer:
     def greedy_candidate(self, logits: torch.Tensor) -> list[str | None]:
         """The candidate whose token greedy decoding would emit, or None when it emits no candidate's token."""
         return [self._owner.get(int(t)) for t in logits.argmax(-1)]
+
+
+def score_samples(vlm, scorer: AnswerScorer, samples, batch_size: int, desc: str = "scoring"):
+    """(candidate probabilities (n, candidates) as numpy, greedy candidate per sample) of `samples` on `vlm`,
+    `batch_size` samples per forward."""
+    probs, greedy = [], []
+    for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
+        batch = samples[start:start + batch_size]
+        logits = vlm.last_logits(vlm.encode([s.image for s in batch], [s.prompt for s in batch]))
+        probs.append(scorer.probabilities(logits).cpu())
+        greedy += scorer.greedy_candidate(logits)
+    return torch.cat(probs).numpy(), greedy

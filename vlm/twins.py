@@ -13,11 +13,14 @@ import shutil
 from pathlib import Path
 
 import torch
+from jinja2 import Template
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from vlm.adapters import ADAPTERS, FamilyAdapter
+from common.geometry import Grid
+from data_gen.settings import DIRECTIONS, Setting
+from vlm.adapters import FamilyAdapter
 
 SETTINGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "setting"
 # words keep their leading space (" red"), like the byte-level tokenizers of the real models
@@ -26,15 +29,14 @@ WHITESPACE_RUNS = ["\n" * k for k in range(1, 9)] + [" " * k for k in range(1, 5
 
 
 def surface_forms(word: str) -> list[str]:
-    """The spellings an answer may take as the next token: `red`, `Red`, ` red`, ` Red` (SPEC 1)."""
+    """The spellings an answer may take as the next token: `red`, `Red`, ` red`, ` Red` (docs/experiments.md,
+    "Scoring")."""
     cap = word[:1].upper() + word[1:]
     return list(dict.fromkeys([word, cap, " " + word, " " + cap]))
 
 
 def twin_corpus(adapter: FamilyAdapter, system_prompt: str, settings_dir: Path = SETTINGS_DIR) -> list[str]:
     """Every text a twin must tokenize: each setting's chat-formatted prompts and every answer's forms."""
-    from data_gen.settings import DIRECTIONS, Setting
-
     texts = []
     for path in sorted(settings_dir.glob("*.yaml")):
         setting = Setting.from_config(OmegaConf.load(path))
@@ -47,15 +49,14 @@ def twin_corpus(adapter: FamilyAdapter, system_prompt: str, settings_dir: Path =
 
 
 def render_chat(template: str, adapter: FamilyAdapter, system_prompt: str, prompt: str) -> str:
-    from jinja2 import Template
-
     roles = {k: v for k, v in adapter.tokenizer_roles.items() if isinstance(v, str)}
     return Template(template).render(messages=chat_messages(system_prompt, prompt), add_generation_prompt=True,
                                      raise_exception=_raise, **roles)
 
 
 def chat_messages(system_prompt: str, prompt: str) -> list[dict]:
-    """The SPEC's conversation: the system prompt, then one user turn of the image and the prompt."""
+    """The conversation of every prompt (docs/experiments.md, "Task and prompts"): the system prompt, then one user
+    turn of the image and the prompt."""
     return [
         {"role": "system", "content": [{"type": "text", "text": system_prompt}]},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
@@ -85,34 +86,31 @@ def build_tokenizer(adapter: FamilyAdapter, corpus: list[str]) -> PreTrainedToke
     return tokenizer
 
 
-def twin_fingerprint(model_cfg: DictConfig, vocab: dict) -> str:
+def twin_fingerprint(adapter: FamilyAdapter, model_cfg: DictConfig, vocab: dict) -> str:
     payload = {
         "family": model_cfg.family,
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
         "grid": OmegaConf.to_container(model_cfg.grid, resolve=True),
         "seed": model_cfg.twin.seed,
         "vocab": sorted(vocab.items()),
-        "template": ADAPTERS[model_cfg.family].chat_template(),
+        "template": adapter.chat_template(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_parts(model_cfg: DictConfig, system_prompt: str):
-    """(adapter, tokenizer, image processor, model config) of a twin or of a random-init architecture."""
-    from data_gen.scenes import Grid
-
-    adapter = ADAPTERS[model_cfg.family]
+def build_parts(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: str):
+    """(tokenizer, image processor, model config) of a twin or of a random-init architecture."""
     tokenizer = build_tokenizer(adapter, twin_corpus(adapter, system_prompt))
     image_processor = adapter.build_image_processor(Grid(**model_cfg.grid))
     config = adapter.build_config(OmegaConf.to_container(model_cfg.architecture, resolve=True), tokenizer)
-    return adapter, tokenizer, image_processor, config
+    return tokenizer, image_processor, config
 
 
-def ensure_twin(model_cfg: DictConfig, system_prompt: str) -> Path:
+def ensure_twin(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: str) -> Path:
     """Build the twin into `model_cfg.path` unless an up-to-date one is there; return the path."""
     path = Path(model_cfg.path)
-    adapter, tokenizer, image_processor, config = build_parts(model_cfg, system_prompt)
-    fingerprint = twin_fingerprint(model_cfg, tokenizer.get_vocab())
+    tokenizer, image_processor, config = build_parts(adapter, model_cfg, system_prompt)
+    fingerprint = twin_fingerprint(adapter, model_cfg, tokenizer.get_vocab())
     stamp = path / "twin.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return path

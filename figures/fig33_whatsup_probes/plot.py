@@ -13,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from common.results import find_units, load_unit  # noqa: E402
 from probing.plots import draw_figure  # noqa: E402
-from vlm.results import find_units, load_unit  # noqa: E402
 
 POSITIONS = ("0 left object", "1 reference", "2 right object")
 

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vlm.results import find_units, fmt_metric, setting_rank  # noqa: E402
+from common.results import find_units, fmt_metric, setting_rank  # noqa: E402
 
 DIRECTIONS = ["left", "right", "above", "below"]
 

@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.results import fmt_metric  # noqa: E402
 from patching.plots import load_sweeps  # noqa: E402
-from vlm.results import fmt_metric  # noqa: E402
 
 DIRECTIONS = ["left", "right", "above", "below"]
 

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from vlm.results import find_units  # noqa: E402
+from common.results import find_units  # noqa: E402
 
 LABELS = {"none": "None", "random": "Random amp.", "scalingvis": "ScalingVis", "adaptvis": "AdaptVis",
           "probe": "Ordering amp."}

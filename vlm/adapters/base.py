@@ -1,18 +1,28 @@
-"""What differs between model families. One small subclass per family; experiments never branch on it."""
+"""What differs between model families. One small subclass per family; experiments never branch on it.
 
+Where things are (the visual embeddings, the LM, its decoder layers and attention modules) is data: module
+paths in `configs/family/<family>.yaml` (`{}` for a layer index), resolved with `model.get_submodule`. What an
+adapter must give is checked for every registered family by tests/test_adapters.py.
+"""
+
+import inspect
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from transformers import BatchFeature, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
+MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention")
 
 
 class FamilyAdapter:
     """A model family's module paths, token ids, processor settings and input encoding.
 
     To add a family (LLaVA, Qwen2.5-VL, InternVL): subclass this in a new file, register it in
-    `vlm/adapters/__init__.py`, and add a `configs/model/<name>.yaml`.
+    `vlm/adapters/__init__.py`, write `configs/family/<name>.yaml` (its module paths) and a
+    `configs/model/<name>.yaml` that includes it.
     """
 
     name: str
@@ -21,6 +31,34 @@ class FamilyAdapter:
     special_tokens: list[str]        # the tiny twin tokenizer's special tokens, in id order
     tokenizer_roles: dict            # bos/eos/pad/unk (+ extra) token strings of the twin tokenizer
     image_token: str                 # the placeholder token repeated once per visual token
+    image_inputs: tuple[str, ...] = ("pixel_values",)   # inputs that carry the image itself
+
+    def __init__(self, modules: Mapping[str, str]):
+        missing = [name for name in MODULE_NAMES if name not in modules]
+        if missing:
+            raise ValueError(f"{self.name} module paths lack {', '.join(missing)} (configs/family/{self.name}.yaml)")
+        self.modules = {name: str(modules[name]) for name in MODULE_NAMES}
+
+    # --- where things are --------------------------------------------------------------------------
+    def module(self, model, name: str, index: int | None = None) -> torch.nn.Module:
+        """The module `name` (one of MODULE_NAMES) of `model`; `index` fills a per-layer path's `{}`."""
+        path = self.modules[name]
+        return model.get_submodule(path.format(index) if "{}" in path else path)
+
+    def visual_embedding_module(self, model) -> torch.nn.Module:
+        """The module whose output is the visual embeddings handed to the LM (one row per visual token)."""
+        return self.module(model, "visual_embeddings")
+
+    def language_model(self, model) -> torch.nn.Module:
+        """The LM decoder alone: input embeddings in, last hidden states out (no vision tower, no head)."""
+        return self.module(model, "language_model")
+
+    def decoder_layers(self, model) -> torch.nn.ModuleList:
+        return self.module(model, "decoder_layers")
+
+    def attention_modules(self, model) -> list[torch.nn.Module]:
+        """Each LM decoder layer's self-attention module, in layer order."""
+        return [self.module(model, "attention", i) for i in range(len(self.decoder_layers(model)))]
 
     # --- building the twin / random-init architecture -------------------------------------------
     def chat_template(self) -> str:
@@ -38,17 +76,6 @@ class FamilyAdapter:
     def fit_image_processor(self, image_processor, grid) -> None:
         """Make a loaded image processor keep images of `grid` pixels as they are (no resizing)."""
 
-    def visual_embedding_module(self, model) -> torch.nn.Module:
-        """The module whose output is the visual embeddings handed to the LM (one row per visual token)."""
-        raise NotImplementedError
-
-    def language_model(self, model) -> torch.nn.Module:
-        """The LM decoder alone: input embeddings in, last hidden states out (no vision tower, no head)."""
-        raise NotImplementedError
-
-    def decoder_layers(self, model) -> torch.nn.ModuleList:
-        return self.language_model(model).layers
-
     def image_token_id(self, model) -> int:
         raise NotImplementedError
 
@@ -65,20 +92,57 @@ class FamilyAdapter:
         """Run the vision tower and projector on the inputs' pixels (the LM does not run)."""
         return model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
-    def encoder_outputs(self, tokens: torch.Tensor):
-        """Precomputed visual embeddings (batch, tokens, hidden) in the form the model's forward takes as
-        `mm_encoder_outputs["image"]`."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
+    def repeat_inputs(self, inputs, rows: int) -> dict:
+        """One example's inputs (batch 1) as `rows` identical rows, without the image itself (the image's
+        visual embeddings are passed to the forward instead, see `encoder_outputs`)."""
+        repeated = {}
+        for key, value in inputs.items():
+            if key in self.image_inputs:
+                continue
+            if value.shape[0] != 1:
+                raise ValueError(f"repeat_inputs takes one example, got {key} with batch {value.shape[0]}")
+            repeated[key] = value.expand(rows, *value.shape[1:])
+        return repeated
 
+    def accepts_encoder_outputs(self, model) -> bool:
+        """Whether this transformers' forward takes precomputed visual embeddings (`mm_encoder_outputs`, newer
+        5.x releases)."""
+        return "mm_encoder_outputs" in inspect.signature(type(model.model).forward).parameters
+
+    def encoder_outputs(self, tokens: torch.Tensor):
+        """Precomputed visual embeddings (batch, tokens, hidden) in the form `get_image_features` returns them
+        (and the forward takes as `mm_encoder_outputs["image"]`)."""
         return BaseModelOutputWithPooling(pooler_output=tokens)
 
-    def visual_embeddings_to_tokens(self, output: torch.Tensor, batch_size: int) -> torch.Tensor:
+    def forward(self, model, inputs, visual_tokens: torch.Tensor | None = None, **kwargs):
+        """`model(**inputs, **kwargs)`; with `visual_tokens` (batch, tokens, hidden) those are the visual
+        embeddings, and the vision tower does not run (the inputs' image entries are ignored).
+
+        Newer transformers 5.x take them as `mm_encoder_outputs`; older 5.x releases (5.17 has no such argument)
+        call `get_image_features(pixel_values, ...)` inside the forward whenever pixel values are given, so
+        there that method answers with `visual_tokens` for the duration of the call and a placeholder stands in
+        for the pixels. Either way the result equals the plain forward on the pixels that gave `visual_tokens`
+        (tests/test_adapters.py checks both routes)."""
+        if visual_tokens is None:
+            return model(**inputs, **kwargs)
+        inputs = {k: v for k, v in inputs.items() if k not in self.image_inputs}
+        encoded = self.encoder_outputs(visual_tokens.to(model.device, model.dtype))
+        if self.accepts_encoder_outputs(model):
+            return model(**inputs, mm_encoder_outputs={"image": encoded}, **kwargs)
+        inner = model.model
+        inner.get_image_features = lambda *args, **kw: encoded
+        try:
+            return model(**inputs, pixel_values=torch.empty(0, device=model.device), **kwargs)
+        finally:
+            del inner.get_image_features
+
+    def visual_tokens(self, output: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
         """The visual module's output as (batch, tokens, hidden), tokens in row-major grid order.
 
         Qwen2-VL's merger returns (images * tokens, hidden), Gemma 3's projector (images, tokens, hidden);
-        all images of one batch have the same size here, so one reshape serves both."""
-        return output.reshape(batch_size, -1, output.shape[-1])
+        every image of one batch has `tokens_per_image` tokens here, so one reshape serves both."""
+        return output.reshape(-1, tokens_per_image, output.shape[-1])
 
-    def visual_embeddings_from_tokens(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Inverse of `visual_embeddings_to_tokens`: back to the module's own output layout."""
+    def visual_output(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Inverse of `visual_tokens`: (batch, tokens, hidden) back to the module's own output layout."""
         return tokens.reshape(like.shape).to(like.dtype)

@@ -1,11 +1,11 @@
-"""Gemma 3 (google/gemma-3-4b-it): SigLIP `model.model.vision_tower`, then
-`model.model.multi_modal_projector` (4 x 4 average pooling to 16 x 16 tokens and a linear map into
-the LM); LM layers `model.model.language_model.layers`."""
+"""Gemma 3 (google/gemma-3-4b-it): the SigLIP vision tower, then the multi-modal projector (4 x 4 average
+pooling to 16 x 16 tokens and a linear map into the LM); module paths in configs/family/gemma3.yaml."""
 
 from transformers import (
     BatchFeature,
     Gemma3Config,
     Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessorPil,
     Gemma3Processor,
 )
 
@@ -29,8 +29,6 @@ class Gemma3Adapter(FamilyAdapter):
     image_token = "<image_soft_token>"
 
     def build_image_processor(self, grid):
-        from transformers import Gemma3ImageProcessorPil
-
         # gemma-3-4b-it's preprocessor_config.json: 896 px, bilinear, mean = std = 0.5, no pan-and-scan
         return Gemma3ImageProcessorPil(size={"height": grid.height, "width": grid.width}, resample=2,
                                        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
@@ -57,12 +55,6 @@ class Gemma3Adapter(FamilyAdapter):
                              f"needs {grid.width} x {grid.height}")
         image_processor.do_pan_and_scan = False
 
-    def visual_embedding_module(self, model):
-        return model.model.multi_modal_projector
-
-    def language_model(self, model):
-        return model.model.language_model
-
     def image_token_id(self, model) -> int:
         return model.config.image_token_index
 
@@ -77,6 +69,6 @@ class Gemma3Adapter(FamilyAdapter):
                                     image_seq_length=tokens_per_image)
         enc = processor(images=[[image] for image in images], text=list(texts), padding=True,
                         return_tensors="pt", add_special_tokens=False)
-        # token_type_ids (1 at image tokens) makes image tokens attend to each other both ways (SPEC 3)
+        # token_type_ids (1 at image tokens) makes image tokens attend to each other both ways (docs/experiments.md, "Where the model is read and written")
         return BatchFeature({k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")})
 

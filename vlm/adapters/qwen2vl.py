@@ -1,13 +1,15 @@
-"""Qwen2-VL (Qwen/Qwen2-VL-7B-Instruct): visual tower `model.model.visual`, whose patch merger
-`model.model.visual.merger` outputs one vector per 2 x 2 group of 14 px patches; LM layers
-`model.model.language_model.layers`."""
+"""Qwen2-VL (Qwen/Qwen2-VL-7B-Instruct): the vision tower's patch merger outputs one vector per 2 x 2 group of
+14 px patches; module paths in configs/family/qwen2vl.yaml."""
 
 import torch
+from PIL import Image
 from transformers import (
     BatchFeature,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
 )
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from vlm.adapters.base import FamilyAdapter
 
@@ -22,10 +24,11 @@ class Qwen2VLAdapter(FamilyAdapter):
     ]
     tokenizer_roles = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": "<unk>"}
     image_token = "<|image_pad|>"
+    # pixel_values holds every image's patches flattened (patches, features); image_grid_thw stays: the forward
+    # needs it for the M-RoPE positions even when the visual embeddings are passed in
+    image_inputs = ("pixel_values",)
 
     def build_image_processor(self, grid):
-        from transformers import Qwen2VLImageProcessorPil
-
         pixels = grid.height * grid.width
         return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
                                         temporal_patch_size=2)
@@ -43,25 +46,18 @@ class Qwen2VLAdapter(FamilyAdapter):
         )
 
     def fit_image_processor(self, image_processor, grid) -> None:
-        # min_pixels = max_pixels = the image's own size: the processor never resizes (SPEC 2)
+        # min_pixels = max_pixels = the image's own size: the processor never resizes (docs/experiments.md,
+        # "Images and the visual grid")
         pixels = grid.height * grid.width
         image_processor.size = {"shortest_edge": pixels, "longest_edge": pixels}
         for attr in ("min_pixels", "max_pixels"):
             if hasattr(image_processor, attr):
                 setattr(image_processor, attr, pixels)
 
-    def visual_embedding_module(self, model):
-        return model.model.visual.merger
-
-    def language_model(self, model):
-        return model.model.language_model
-
     def image_token_id(self, model) -> int:
         return model.config.image_token_id
 
     def visual_grid(self, model, image_processor, grid):
-        from PIL import Image
-
         thw = image_processor(images=[Image.new("RGB", (grid.width, grid.height), "white")],
                               return_tensors="pt")["image_grid_thw"][0]
         merge = model.config.vision_config.spatial_merge_size
@@ -96,7 +92,5 @@ class Qwen2VLAdapter(FamilyAdapter):
                                               image_grid_thw=inputs["image_grid_thw"])
 
     def encoder_outputs(self, tokens):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        # Qwen2-VL concatenates a tuple of per-image (tokens, hidden) tensors
+        # Qwen2-VL's get_image_features gives a tuple of per-image (tokens, hidden) tensors
         return BaseModelOutputWithPooling(pooler_output=tuple(tokens))

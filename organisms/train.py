@@ -2,9 +2,9 @@
 real 336 x 336 input and 12 x 12 visual grid, the twins' word-level tokenizer) trained from scratch on the
 synthetic settings' questions, so that the experiments have a real mechanism to find on a laptop.
 
-    python -m vlm.organism                                   # configs/organism.yaml -> vlm/organism/
-    python -m vlm.organism train.steps=200 out=/tmp/organism # a short run elsewhere
-    python -m vlm.organism evaluate=true                     # held-out accuracy of vlm/organism/ (its card's)
+    python -m organisms.train                                   # configs/organism.yaml -> organisms/organism/
+    python -m organisms.train train.steps=200 out=/tmp/organism # a short run elsewhere
+    python -m organisms.train evaluate=true                     # held-out accuracy of organisms/organism/ (its card's)
 
 Data: every ordered triple of distinct items of each setting in `train.settings`, both orientations, both
 directions of each. A seeded `train.held_out` fraction of each setting's triples is never trained on: the
@@ -12,7 +12,7 @@ test split. A step takes `train.batch_size / 2` images with both queried directi
 runs once per image. With `train.offsets`, each training image is redrawn with its line of items shifted by a
 random whole-token offset that still fits the grid (the test split keeps the centred layout the experiments
 use). Loss: cross-entropy of the answer's first token at the last input position. Evaluation scores the test
-split as `python -m vlm.accuracy` scores. Writes the model, tokenizer, image processor and `card.json` (data,
+split as the accuracy experiment scores. Writes the model, tokenizer, image processor and `card.json` (data,
 steps, seed, time, held-out accuracy per setting, direction and orientation) into `out` at every evaluation,
 whole (a temporary directory, renamed); a hand-written `*.md` card already there is kept.
 """
@@ -30,16 +30,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from accuracy.experiment import accuracy_metrics
+from common.cli import CONFIG_DIR, entrypoint
+from common.errors import UsageError, check_choice
+from common.geometry import Grid, Layout, line_offsets
+from common.results import provenance
 from data_gen.render import draw_scene
-from data_gen.scenes import Grid, Layout, line_offsets
 from data_gen.settings import DIRECTIONS_OF, Setting
-from vlm.accuracy import accuracy_metrics, score_samples
-from vlm.cli import CONFIG_DIR, UsageError, check_choice, entrypoint
+from vlm.adapters import ADAPTERS
 from vlm.models import VLM, load_model, resolve_device
-from vlm.results import provenance
-from vlm.scoring import AnswerScorer
+from vlm.scoring import AnswerScorer, score_samples
 from vlm.twins import build_parts, initialise_zero_weights
 
 
@@ -79,7 +80,7 @@ class CachedImageProcessor:
 
 def held_out_accuracy(vlm: VLM, settings: dict, test: dict, batch_size: int) -> dict:
     """Accuracy on each setting's test split (`test`: setting name -> Samples), overall, per queried direction and
-    per orientation, scored as `python -m vlm.accuracy` scores (vlm.accuracy)."""
+    per orientation, scored as the accuracy experiment scores (vlm.scoring, accuracy.experiment)."""
     was_training = vlm.model.training
     vlm.model.eval()
     report = {}
@@ -117,7 +118,8 @@ def train(cfg: DictConfig) -> dict:
         raise UsageError(f"the organism is a Qwen2-VL; model {mcfg.name!r} is family {mcfg.family!r}")
     device = resolve_device(cfg.device)
     grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
-    adapter, tokenizer, image_processor, config = build_parts(mcfg, cfg.system_prompt)
+    adapter = ADAPTERS[mcfg.family](mcfg.modules)
+    tokenizer, image_processor, config = build_parts(adapter, mcfg, cfg.system_prompt)
     adapter.fit_image_processor(image_processor, grid)
     tokenizer.padding_side = "left"
     torch.manual_seed(cfg.seed)
@@ -184,9 +186,8 @@ def train(cfg: DictConfig) -> dict:
         shown = {"pixel_values": pixel_values.reshape(len(questions), -1, pixel_values.shape[-1])[firsts].flatten(0, 1),
                  "image_grid_thw": inputs["image_grid_thw"][firsts]}
         features = adapter.image_features(model, shown).pooler_output
-        shared = tuple(tokens for tokens, group in zip(features, images, strict=True) for _ in group)
-        return model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=shared)},
-                     logits_to_keep=1).logits[:, -1]
+        shared = torch.stack([tokens for tokens, group in zip(features, images, strict=True) for _ in group])
+        return adapter.forward(model, inputs, shared, logits_to_keep=1).logits[:, -1]
 
     card = None
     progress = tqdm(range(tcfg.steps), desc="training the organism", unit="step")

@@ -1,32 +1,45 @@
-"""Results on disk (SPEC 7): results/<experiment>/<model>/<setting>/ holds metrics.json (metrics, resolved
-config, seed, package versions, git commit) and arrays.npz. A unit is written to a temporary directory and
-renamed into place, so a run never leaves a half-written unit."""
+"""Results on disk (docs/experiments.md, "Results"): results/<experiment>/<model>/<setting>/ holds metrics.json
+(metrics, resolved config, seed, package versions, git commit) and arrays.npz. A unit is written to a temporary
+directory and renamed into place, so a run never leaves a half-written unit. A job of a multirun that sweeps
+other keys than model and setting writes into a sub-directory named for them (common.cli.variant_name), so
+the jobs of one sweep never share a unit."""
 
 import json
 import platform
 import shutil
 import subprocess
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from common.cli import variant_name
+
 REPO = Path(__file__).resolve().parent.parent
+VERSIONED = ("torch", "transformers", "numpy", "hydra-core")
 
 
-def unit_dir(cfg: DictConfig, experiment: str, setting: str | None = None) -> Path:
-    return Path(cfg.results_dir) / experiment / cfg.model.name / (setting or cfg.setting.name)
+def unit_dir(cfg: DictConfig) -> Path:
+    """results/<experiment>/<model>/<setting>[/<variant>] of the run `cfg` describes."""
+    unit = Path(cfg.results_dir) / cfg.experiment.name / cfg.model.name / cfg.setting.name
+    variant = variant_name(cfg)
+    return unit / variant if variant else unit
 
 
 def is_done(directory: Path) -> bool:
     return (directory / "metrics.json").exists()
 
 
-def provenance(cfg: DictConfig) -> dict:
-    import torch
-    import transformers
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
+
+def provenance(cfg: DictConfig) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -35,8 +48,7 @@ def provenance(cfg: DictConfig) -> dict:
     return {
         "seed": cfg.seed,
         "git_commit": commit,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "numpy": np.__version__},
+        "versions": {"python": platform.python_version(), **{name: _version(name) for name in VERSIONED}},
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -7,7 +7,7 @@ Every other module asks this one. A token box is `(row0, col0, row1, col1)` and 
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from vlm.cli import UsageError, check_choice
+from common.errors import UsageError, check_choice
 
 TokenBox = tuple[int, int, int, int]
 PixelBox = tuple[int, int, int, int]
