@@ -1,4 +1,4 @@
-"""Clean/counterfactual pairs and source images for the experiments of SPEC section 4, all from a seed.
+"""Clean/counterfactual pairs and source images for the experiments (docs/experiments.md, "Experiments"), all from a seed.
 
 Each builder cycles through the (orientation, direction) combinations, so the pairs are balanced over
 orientations and queried directions, and draws its items with a numpy Generator seeded by `seed`.
@@ -9,18 +9,23 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from common.errors import UsageError
+from common.errors import UsageError, check_choice
 from common.geometry import ORIENTATIONS, Grid, Layout, grid_boxes, line_boxes, pixel_box
 from data_gen.render import Item, Sample, compose, distinct_items, draw_scene, query_plan
 from data_gen.settings import OPPOSITE, TARGET_POSITION, Setting
 
 
+COUNTERFACTUALS = ("shared_reference", "all_distinct")
+
+
 @dataclass
 class LastTokenPair:
-    """Clean (a, m, b) queried towards a and counterfactual (c, m', e) of six distinct items, same
-    orientation, queried the opposite way. After patching the last position from the counterfactual run the
-    model says `clean_answer` (a: nothing moved), `ordering_answer` (b: the clean image's item at the
+    """Clean (a, m, b) queried towards a and counterfactual (c, m, e) with the clean's reference m and two other
+    side items, same orientation, queried the opposite way (the paper's Fig 3: Red-Green-Blue "left of green"
+    against Gray-Green-Black "right of green"). After patching the last position from the counterfactual run
+    the model says `clean_answer` (a: nothing moved), `ordering_answer` (b: the clean image's item at the
     counterfactual's target position, so the ordering moved) or `value_answer` (e: the answer itself moved).
+    The `all_distinct` design (an option, not the paper's) draws the counterfactual's reference too: (c, m', e).
     """
 
     clean: Sample
@@ -59,25 +64,35 @@ class AblationSources:
 
 
 def last_token_pairs(setting: Setting, grid: Grid, layout: Layout, n: int, seed: int,
-                     orientations=ORIENTATIONS) -> list[LastTokenPair]:
-    """`n` last-token pairs (SPEC 4 `last_token`); UsageError when the setting has fewer than 6 items."""
+                     orientations=ORIENTATIONS, counterfactual: str = "shared_reference") -> list[LastTokenPair]:
+    """`n` last-token pairs (docs/experiments.md, "last_token"): `counterfactual` is `shared_reference` (the
+    paper's: (c, m, e), five distinct items) or `all_distinct` ((c, m', e), six). UsageError when the setting
+    has too few items."""
+    check_choice("last-token counterfactual", counterfactual, COUNTERFACTUALS)
     rng = np.random.default_rng(seed)
     pairs = []
     for k, (orientation, direction) in enumerate(query_plan(n, orientations)):
-        names = distinct_items(setting, rng, 6, "a last-token pair")
-        clean = draw_scene(setting, grid, layout, orientation, names[:3], direction,
-                           id=f"{setting.name}_lasttoken{k:04d}_clean")
         opposite = OPPOSITE[direction]
-        counterfactual = draw_scene(setting, grid, layout, orientation, names[3:], opposite,
-                                    id=f"{setting.name}_lasttoken{k:04d}_counterfactual")
+        if counterfactual == "shared_reference":
+            a, m, b, c, e = distinct_items(setting, rng, 5, "a last-token pair")
+            # the counterfactual's target (e) sits where the clean's other side item (b) is, c opposite it
+            cf_names = [c, m, e] if TARGET_POSITION[opposite] == 2 else [e, m, c]
+        else:
+            a, m, b, *cf_names = distinct_items(setting, rng, 6, "a last-token pair")
+        clean_names = [a, m, b] if TARGET_POSITION[direction] == 0 else [b, m, a]
+        clean = draw_scene(setting, grid, layout, orientation, clean_names, direction,
+                           id=f"{setting.name}_lasttoken{k:04d}_clean")
+        counterfactual_sample = draw_scene(setting, grid, layout, orientation, cf_names, opposite,
+                                           id=f"{setting.name}_lasttoken{k:04d}_counterfactual")
         ordering = clean.items[TARGET_POSITION[opposite]].answer
-        pairs.append(LastTokenPair(clean, counterfactual, clean.answer, ordering, counterfactual.answer))
+        pairs.append(LastTokenPair(clean, counterfactual_sample, clean.answer, ordering,
+                                   counterfactual_sample.answer))
     return pairs
 
 
 def mirror_pairs(setting: Setting, grid: Grid, layout: Layout, n: int, seed: int,
                  orientations=ORIENTATIONS) -> list[MirrorPair]:
-    """`n` mirror pairs (SPEC 4 `object_patching`, `strip_patching`, `ablated_patching`)."""
+    """`n` mirror pairs (object_patching, strip_patching, ablated_patching)."""
     rng = np.random.default_rng(seed)
     pairs = []
     for k, (orientation, direction) in enumerate(query_plan(n, orientations)):
@@ -105,7 +120,7 @@ def empty_image(grid: Grid, background=(255, 255, 255)) -> Image.Image:
 
 
 def ablation_sources(sample: Sample, setting: Setting, grid: Grid, layout: Layout) -> AblationSources:
-    """For the ablation of ordering (SPEC 4 `ablation`): each of `sample`'s items alone in the middle, in
+    """For the ablation of ordering (docs/experiments.md, "ablation"): each of `sample`'s items alone in the middle, in
     item order, and the empty image."""
     if sample.orientation not in ORIENTATIONS:
         raise UsageError(f"ablation sources need a horizontal or vertical sample, got {sample.orientation!r}")

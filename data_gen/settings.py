@@ -1,5 +1,5 @@
 """A setting (squares, shapes, objects) from its config `configs/setting/<name>.yaml`: the items it draws,
-the answers the model chooses from, and the prompt (SPEC section 1, paper appendix A.2 and A.3)."""
+the answers the model chooses from, and the prompt (docs/experiments.md, "Task and prompts"; paper appendix A.2 and A.3)."""
 
 from collections.abc import Mapping
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""What'sUp composites (SPEC 6, paper section 3.1): two What'sUp Controlled photographs that share their
+"""What'sUp composites (docs/experiments.md, "What'sUp composites"; paper section 3.1): two What'sUp Controlled photographs that share their
 reference object, one object left of it and a different one right of it, merged into one image of three
 objects in a row at the model's native resolution.
 

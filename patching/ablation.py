@@ -1,4 +1,4 @@
-"""Ablation of vision-derived ordering (SPEC 4 `ablation`, paper section 4.3): every item's visual tokens are
+"""Ablation of vision-derived ordering (docs/experiments.md, "ablation"; paper section 4.3): every item's visual tokens are
 replaced by the same item's tokens from an image where it sits alone in the middle, and every other token by
 the empty image's token. What is left is which items there are, not where they are."""
 

@@ -20,15 +20,18 @@ class PatchPlan:
     """Which clean positions take which counterfactual values.
 
     `dst_tokens` / `src_tokens`: visual token indices (row-major) of the clean and counterfactual images,
-    paired in order; None means the last sequence position (last-token patching, layer sites only)."""
+    paired in order; None means one text position in both runs, `from_end` positions before the last
+    (last-token patching, layer sites only: 0 is the last input token)."""
 
     dst_tokens: list[int] | None = None
     src_tokens: list[int] | None = None
+    from_end: int = 0
 
     def positions(self, vlm: VLM, clean_ids: torch.Tensor, cf_ids: torch.Tensor):
         """(clean sequence positions, counterfactual sequence positions) to patch in the residual stream."""
         if self.dst_tokens is None:
-            return torch.tensor([clean_ids.shape[1] - 1]), torch.tensor([cf_ids.shape[1] - 1])
+            return (torch.tensor([clean_ids.shape[1] - 1 - self.from_end]),
+                    torch.tensor([cf_ids.shape[1] - 1 - self.from_end]))
         dst = vlm.visual_token_positions(clean_ids)[0, self.dst_tokens]
         src = vlm.visual_token_positions(cf_ids)[0, self.src_tokens]
         return dst.cpu(), src.cpu()

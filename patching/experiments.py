@@ -27,6 +27,7 @@ from vlm.models import VLM
 from vlm.scoring import AnswerScorer
 
 REGIONS = ("items", "strips")
+PATCH_POSITIONS = ("last_token", "prompt_end")   # the final input token (default), or the prompt's last word
 
 
 def sweep_sites(vlm: VLM, cfg: DictConfig) -> list:
@@ -87,14 +88,31 @@ def sweep(vlm: VLM, scorer: AnswerScorer, pairs, plans, sites, cfg, visuals=None
 
 
 def last_token(cfg: DictConfig, get_vlm):
-    """Last-token patching (Fig 2): the last position's residual after each layer <- the counterfactual's."""
+    """Last-token patching (Fig 2): the residual stream at `patch_position` (the last input token, or the
+    prompt's last word) after each layer <- the counterfactual's at the same position."""
     if cfg.patch_visual:
         raise UsageError("last_token patches the last position, which is not a visual token: set patch_visual=false")
+    check_choice("patch_position", cfg.patch_position, PATCH_POSITIONS)
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    pairs = last_token_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
-    sites = sweep_sites(vlm, cfg)
-    return sweep(vlm, scorer, pairs, [PatchPlan()] * len(pairs), sites, cfg, desc=f"last_token {setting.name}")
+    pairs = last_token_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations),
+                             cfg.counterfactual)
+    plans = [PatchPlan(from_end=prompt_end_offset(vlm, pair, cfg.patch_position)) for pair in pairs]
+    metrics, arrays = sweep(vlm, scorer, pairs, plans, sweep_sites(vlm, cfg), cfg, desc=f"last_token {setting.name}")
+    metrics["counterfactual"], metrics["patch_position"] = cfg.counterfactual, cfg.patch_position
+    arrays["from_end"] = np.array([plan.from_end for plan in plans])
+    return metrics, arrays
+
+
+def prompt_end_offset(vlm: VLM, pair, patch_position: str) -> int:
+    """Positions between the patched one and the last input token: 0 for `last_token`; for `prompt_end`, the
+    tokens of the chat template after the prompt's last word (the same in both runs, which share the template)."""
+    if patch_position == "last_token":
+        return 0
+    offsets = {vlm.prompt_end_offset(sample.prompt) for sample in (pair.clean, pair.counterfactual)}
+    if len(offsets) != 1:
+        raise ValueError(f"the clean and counterfactual prompts end {sorted(offsets)} tokens before the last one")
+    return offsets.pop()
 
 
 def mirror_patching(cfg: DictConfig, get_vlm):

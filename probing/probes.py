@@ -120,6 +120,6 @@ def load_probe(unit_dir: Path, orientation: str) -> Probe:
     and a grid probe's name (2x2_row, 3x3_cell, ...) for results/grid_probes/...."""
     path = Path(unit_dir) / "arrays.npz"
     if not path.exists():
-        raise UsageError(f"no probe results at {unit_dir}; run python -m probing.run first")
+        raise UsageError(f"no probe results at {unit_dir}; run python -m runner experiment=probes first")
     with np.load(path, allow_pickle=False) as npz:
         return Probe.from_arrays(npz, orientation)

@@ -1,7 +1,7 @@
 """Amplifying the ordering directions of a position probe in the visual embeddings (paper section 5.4,
 equation 3, Table 3): emb_t <- emb_t + alpha * direction, at every visual token t.
 
-Which direction a token gets (SPEC 4 leaves it open, so both are here):
+Which direction a token gets (the paper leaves it open, so both are here; docs/experiments.md, "amplification"):
 - `predicted` (default): the unit direction of the class the probe predicts for that token (before the
   change), so each token is pushed further towards the position it already encodes;
 - `every_class`: the sum of every class direction, the same vector at every token.

@@ -115,7 +115,7 @@ def test_vision_tower_is_untouched(twin):
     inputs, visual, _ = prepared(twin)
     with capture({"visual": twin.visual_embedding_module}) as scaled:
         scaled_logits(twin, inputs, 2.0)                  # a full forward, vision tower included
-    torch.testing.assert_close(twin.adapter.visual_embeddings_to_tokens(scaled["visual"], 2), visual,
+    torch.testing.assert_close(twin.adapter.visual_tokens(scaled["visual"], twin.n_visual_tokens), visual,
                                rtol=0, atol=0)
 
 

@@ -277,22 +277,36 @@ def test_malformed_setting_configs_raise_usage_errors():
 # --- pairs ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("setting_name", SETTINGS)
-def test_last_token_pairs(setting_name):
+def test_last_token_pairs_share_the_reference_as_in_fig_3(setting_name):
+    """Clean (a, m, b) towards a; counterfactual (c, m, e) with the clean's reference m, two other side items,
+    queried the opposite way; balanced over orientation and direction."""
     setting = load_setting(setting_name)
     grid, layout = geometry("qwen2vl_7b")
     pairs = last_token_pairs(setting, grid, layout, 8, seed=0)
     opposite = {"left": "right", "right": "left", "above": "below", "below": "above"}
     for pair in pairs:
         clean, cf = pair.clean, pair.counterfactual
-        assert not {i.name for i in clean.items} & {i.name for i in cf.items}
+        assert cf.items[1].name == clean.items[1].name                       # the shared reference m
+        assert not {clean.items[0].name, clean.items[2].name} & {cf.items[0].name, cf.items[2].name}
+        assert len({i.name for i in clean.items + cf.items}) == 5
         assert cf.orientation == clean.orientation and cf.direction == opposite[clean.direction]
         target = 0 if cf.direction in ("left", "above") else 2
         assert pair.clean_answer == clean.answer and pair.value_answer == cf.answer
         assert pair.ordering_answer == clean.items[target].answer
         assert len({pair.clean_answer, pair.ordering_answer, pair.value_answer}) == 3
+        assert cf.prompt == setting.prompt(cf.direction, clean.items[1].name)
     assert sorted(p.clean.direction for p in pairs) == sorted(DIRECTIONS * 2)
     again = last_token_pairs(setting, grid, layout, 8, seed=0)
     assert [p.targets for p in pairs] == [p.targets for p in again]
+
+
+def test_last_token_pairs_all_distinct_option():
+    setting = load_setting("squares")
+    grid, layout = geometry("gemma3_4b")
+    for pair in last_token_pairs(setting, grid, layout, 4, seed=1, counterfactual="all_distinct"):
+        assert not {i.name for i in pair.clean.items} & {i.name for i in pair.counterfactual.items}
+    with pytest.raises(UsageError, match="sideways"):
+        last_token_pairs(setting, grid, layout, 4, seed=1, counterfactual="sideways")
 
 
 def test_mirror_pairs_swap_the_side_items():
@@ -310,11 +324,15 @@ def test_mirror_pairs_swap_the_side_items():
 
 
 def test_builders_name_the_setting_when_it_has_too_few_items():
+    four = OmegaConf.load(Path(CONFIG_DIR) / "setting" / "squares.yaml")
+    four.items = four["items"][:4]
+    setting = Setting.from_config(four)
+    with pytest.raises(UsageError, match=r"5 distinct items, setting 'squares' has 4"):
+        last_token_pairs(setting, *geometry("qwen2vl_7b"), 2, seed=0)
     five = OmegaConf.load(Path(CONFIG_DIR) / "setting" / "squares.yaml")
     five.items = five["items"][:5]
-    setting = Setting.from_config(five)
     with pytest.raises(UsageError, match=r"6 distinct items, setting 'squares' has 5"):
-        last_token_pairs(setting, *geometry("qwen2vl_7b"), 2, seed=0)
+        last_token_pairs(Setting.from_config(five), *geometry("qwen2vl_7b"), 2, seed=0, counterfactual="all_distinct")
 
 
 @pytest.mark.parametrize("model", MODELS)

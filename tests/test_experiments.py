@@ -43,6 +43,17 @@ def test_last_token_patch_after_the_last_layer_gives_the_counterfactual(twin):
     assert set(arrays["direction"]) == {"left", "right", "above", "below"}
 
 
+def test_patching_the_prompts_last_word_after_the_last_layer_changes_nothing(twin):
+    """Only the last position's final residual reaches the logits: patching an earlier position after the last
+    layer must leave every outcome at the unpatched clean run's."""
+    cfg = experiment_cfg(twin, "last_token", "n_pairs=2", "patch_position=prompt_end", f"layers=[0,{twin.n_layers - 1}]")
+    metrics, arrays = last_token(cfg, lambda: twin)
+    assert metrics["patch_position"] == "prompt_end" and (arrays["from_end"] > 0).all()
+    for outcome in ("clean", "ordering", "value"):
+        np.testing.assert_allclose(arrays[f"p_{outcome}"][:, -1], arrays[f"p_{outcome}_unpatched_clean"],
+                                   rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("orientation", ["horizontal", "vertical"])
 def test_mirror_plan_swaps_the_two_sides(twin, orientation):
     setting = Setting.from_config(make_cfg("setting=squares").setting)

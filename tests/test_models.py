@@ -21,67 +21,25 @@ def one_block_image(grid, row, col, color=(200, 30, 30)):
     return image
 
 
-@pytest.fixture
-def local_vision(twin):
-    """Make every vision-encoder block the identity, so a visual token depends only on its own pixels."""
-    vision = twin.model.model.visual.blocks if twin.adapter.name == "qwen2vl" \
-        else twin.model.model.vision_tower.encoder.layers
-
-    def passthrough(_module, args, kwargs, output):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handles = [block.register_forward_hook(passthrough, with_kwargs=True) for block in vision]
-    try:
-        yield twin
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def visual_embeddings(vlm, images, prompt="The color of the square to the left of the green square is"):
-    inputs = vlm.encode(images, [prompt] * len(images))
-    with capture({"visual": vlm.visual_embedding_module}) as cache:
-        vlm.last_logits(inputs)
-    return inputs, vlm.adapter.visual_embeddings_to_tokens(cache["visual"], len(images))
-
-
 @pytest.mark.parametrize("row,col", [(0, 0), (2, 7), (5, 1), (11, 11)])
-def test_one_block_lights_its_token(local_vision, row, col):
-    vlm = local_vision
-    white = Image.new("RGB", (vlm.grid.width, vlm.grid.height), "white")
-    inputs, emb = visual_embeddings(vlm, [white, one_block_image(vlm.grid, row, col)])
-    changed = (emb[1] - emb[0]).abs().amax(-1) > 1e-5
-    expected = row * vlm.grid.cols + col
-    assert changed.nonzero().flatten().tolist() == [expected]
-
-    # the processed pixels: no resizing, and the block's patches are where the token order says
-    pixels = inputs["pixel_values"]
-    if vlm.adapter.name == "qwen2vl":
+def test_processed_pixels_keep_the_block_where_the_token_order_says(twin, row, col):
+    """No resizing, and token (row, col)'s block lands in that token's patches (the embeddings' order is checked
+    for every family in tests/test_adapters.py)."""
+    white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
+    pixels = twin.encode([white, one_block_image(twin.grid, row, col)], ["The object above the key is"] * 2)["pixel_values"]
+    expected = row * twin.grid.cols + col
+    if twin.adapter.name == "qwen2vl":
         patches = pixels.reshape(2, -1, pixels.shape[-1])          # (image, patch, values)
         differs = (patches[1] - patches[0]).abs().amax(-1) > 1e-6
-        per_token = differs.reshape(vlm.n_visual_tokens, 4).all(-1)  # 2 x 2 patches per merged token
+        per_token = differs.reshape(twin.n_visual_tokens, 4).all(-1)  # 2 x 2 patches per merged token
         assert per_token.nonzero().flatten().tolist() == [expected]
         assert int(differs.sum()) == 4
     else:
-        assert tuple(pixels.shape[-2:]) == (vlm.grid.height, vlm.grid.width)
+        assert tuple(pixels.shape[-2:]) == (twin.grid.height, twin.grid.width)
         differs = (pixels[1] - pixels[0]).abs().amax(0) > 1e-6
         ys, xs = differs.nonzero(as_tuple=True)
-        x0, y0, x1, y1 = pixel_box(vlm.grid, (row, col, row + 1, col + 1))
+        x0, y0, x1, y1 = pixel_box(twin.grid, (row, col, row + 1, col + 1))
         assert (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) == (x0, y0, x1, y1)
-
-
-def test_visual_token_positions_match_grid(twin):
-    prompts = ["The color of the square to the left of the green square is", "The object above the key is"]
-    white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
-    inputs = twin.encode([white, white], prompts)
-    positions = twin.visual_token_positions(inputs["input_ids"])
-    assert positions.shape == (2, twin.grid.rows * twin.grid.cols)
-    for row in range(2):
-        ids = inputs["input_ids"][row]
-        assert bool((ids[positions[row]] == twin.image_token_id).all())
-        assert int((ids == twin.image_token_id).sum()) == twin.grid.rows * twin.grid.cols
-        assert torch.equal(positions[row], torch.arange(positions[row, 0], positions[row, 0] + positions.shape[1]))
 
 
 def test_hook_captures_equal_hidden_states(twin):
@@ -93,7 +51,7 @@ def test_hook_captures_equal_hidden_states(twin):
     # hidden_states[0] is the embedding output; [i + 1] the output of layer i (the last one after the norm)
     for i in range(twin.n_layers - 1):
         torch.testing.assert_close(cache[f"layer{i}"], out.hidden_states[i + 1], rtol=0, atol=0)
-    final_norm = twin.model.model.language_model.norm
+    final_norm = twin.adapter.language_model(twin.model).norm
     torch.testing.assert_close(final_norm(cache[f"layer{twin.n_layers - 1}"]), out.hidden_states[-1])
     # the visual module's output is what get_image_features hands the LM
     with torch.no_grad():
@@ -173,3 +131,12 @@ def test_scoring_picks_forced_candidate(twin):
     assert scorer.predict(logits).tolist() == [2]
     torch.testing.assert_close(probs[0], torch.tensor([0.0, 0.4, 0.6]), atol=1e-4, rtol=0)
     assert scorer.greedy_candidate(logits) == ["green"]     # greedy takes the single most likely token
+
+
+def test_prompt_end_offset_points_at_the_prompts_last_token(twin):
+    for prompt in ("The object above the key is", "The color of the shape to the left of the green is"):
+        ids = twin.tokenizer(twin.chat_text(prompt), add_special_tokens=False)["input_ids"]
+        offset = twin.prompt_end_offset(prompt)
+        assert offset > 0
+        assert twin.tokenizer.decode(ids[:len(ids) - offset]).endswith(prompt)
+        assert not twin.tokenizer.decode(ids[:len(ids) - offset - 1]).endswith(prompt)

@@ -82,6 +82,16 @@ class VLM:
         return self.tokenizer.apply_chat_template(chat_messages(self.system_prompt, prompt),
                                                   add_generation_prompt=True, tokenize=False)
 
+    def prompt_end_offset(self, prompt: str) -> int:
+        """How many input tokens follow the prompt's last token in the chat-formatted input (0: the prompt's
+        last token would be the last input token). The image comes before the prompt, so this does not depend
+        on how many image tokens there are."""
+        text = self.chat_text(prompt)
+        end = text.rindex(prompt) + len(prompt)
+        spans = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        last = max(i for i, (start, stop) in enumerate(spans) if start < end and stop > start)
+        return len(spans) - 1 - last
+
     def encode(self, images, prompts) -> BatchFeature:
         """Inputs for one image per prompt, left-padded so the last position is every row's last token."""
         texts = [self.chat_text(p) for p in prompts]

@@ -14,7 +14,7 @@ from transformers import BatchFeature, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
-MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention")
+MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention", "vision_layers")
 
 
 class FamilyAdapter:

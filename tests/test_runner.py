@@ -1,0 +1,127 @@
+"""The one runner: every experiment config composes and runs on the organism at tiny sizes, figures and sweeps
+name each other, multiruns (basic and submitit_local launchers) write one unit per job and never share one,
+and a wrong experiment, model, setting or launcher is one line naming what is allowed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from common.cli import CONFIG_DIR, group_choices
+from common.results import find_units, load_unit, unit_dir
+from data_gen.whatsup import write_stand_in
+from runner import experiment_function, run_unit
+from tests.conftest import make_cfg
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = group_choices("experiment")
+# tiny sizes per experiment, on the organism (whatsup ones on stand-in photographs)
+TINY = {
+    "accuracy": ["setting=squares", "n=4"],
+    "last_token": ["setting=squares", "n_pairs=1", "layers=[0,3]"],
+    "object_patching": ["setting=shapes", "n_pairs=1", "layers=[1]"],
+    "strip_patching": ["setting=objects", "n_pairs=1", "layers=[1]"],
+    "ablated_patching": ["setting=squares", "n_pairs=1", "layers=[2]"],
+    "ablation": ["setting=squares", "n=4"],
+    "probes": ["setting=squares", "n_train=2", "n_test=1"],
+    "grid_probes": ["n_train=2", "n_test=1", "grid_sizes=[2]", "grid_targets=[cell]"],
+    "whatsup_probes": ["n_train=2", "n_test=2"],
+    "amplification": ["alphas=[1]", "random_seeds=[0]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
+                      "n_train=2"],
+    "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
+}
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    return write_stand_in(tmp_path_factory.mktemp("whatsup"))
+
+
+def test_every_experiment_has_tiny_sizes_here():
+    assert set(TINY) == set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_config_runs_on_the_organism(experiment, tmp_path, stand_in):
+    cfg = make_cfg("model=organism", f"experiment={experiment}", f"results_dir={tmp_path}",
+                   f"++embeddings_dir={tmp_path / 'emb'}", f"data.whatsup_dir={stand_in}", *TINY[experiment])
+    assert cfg.experiment.name == experiment and callable(experiment_function(cfg))
+    out = run_unit(cfg)
+    assert out == unit_dir(cfg) == tmp_path / experiment / "organism" / cfg.setting.name
+    record, _ = load_unit(out)
+    assert record["config"]["experiment"]["name"] == experiment and record["metrics"]
+    assert find_units(tmp_path, experiment) == [out]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_an_experiments_figure_has_a_plot_and_a_sweep_that_runs_it(experiment):
+    figure = make_cfg(f"experiment={experiment}").experiment.figure
+    if figure is None:
+        return
+    assert (REPO / "figures" / figure / "plot.py").is_file() and (REPO / "scripts" / f"{figure}.sh").is_file()
+    sweep = make_cfg(f"sweep={figure}")
+    assert sweep.experiment.name == experiment
+
+
+def test_every_sweep_is_a_multirun_over_models_and_settings():
+    for name in group_choices("sweep"):
+        params = OmegaConf.load(Path(CONFIG_DIR) / "sweep" / f"{name}.yaml").hydra.sweeper.params
+        assert set(params) == {"model", "setting"}, name
+        assert (REPO / "figures" / name / "plot.py").is_file(), name
+
+
+def runner(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
+def test_a_multirun_over_two_settings_writes_two_units(tmp_path, launcher):
+    done = runner("-m", "experiment=last_token", "model=organism", "setting=squares,shapes", "n_pairs=2",
+                  "layers=[3]", "device=cpu", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
+                  f"hydra/launcher={launcher}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    units = sorted(p.relative_to(tmp_path / "results") for p in (tmp_path / "results").rglob("metrics.json"))
+    assert units == [Path("last_token/organism/shapes/metrics.json"), Path("last_token/organism/squares/metrics.json")]
+    assert not list(REPO.glob("multirun")) and not (REPO / "outputs").exists()   # Hydra's dirs stay in the cache
+
+
+def test_a_multirun_sweeping_another_key_gives_each_job_its_own_unit(tmp_path):
+    done = runner("-m", "experiment=last_token", "model=organism", "setting=squares", "n_pairs=1",
+                  "layers=[0],[3]", "device=cpu", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    units = sorted(p.parent.name for p in tmp_path.rglob("metrics.json") if "cache" not in p.parts)
+    assert units == ["layers=[0]", "layers=[3]"]
+    for unit in units:
+        record, arrays = load_unit(tmp_path / "last_token" / "organism" / "squares" / unit)
+        assert record["config"]["variant_keys"] == ["layers"]
+        assert list(arrays["sites"]) == [unit.split("[")[1].rstrip("]")]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["experiment=no_such"], "unknown experiment 'no_such'; allowed: ablated_patching, ablation, accuracy"),
+    (["model=no_such"], "unknown model 'no_such'; allowed:"),
+    (["-m", "setting=squares,no_such"], "unknown setting 'no_such'; allowed:"),
+    (["-m", "hydra/launcher=no_such"], "unknown launcher 'no_such'; allowed:"),
+    (["sweep=no_such"], "unknown sweep 'no_such'; allowed: fig02_last_token"),
+])
+def test_an_unknown_choice_is_one_line_naming_what_is_allowed(tmp_path, args, needle):
+    done = runner(*args, "device=cpu", f"results_dir={tmp_path / 'results'}", timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_figure_script_runs_its_sweep_and_draws(tmp_path):
+    done = subprocess.run(["bash", "scripts/fig02_last_token.sh", "model=organism", "setting=squares", "n_pairs=1",
+                           "layers=[2,3]", "device=cpu", f"results_dir={tmp_path / 'results'}",
+                           f"figures_dir={tmp_path / 'fig'}", f"cache_dir={tmp_path / 'cache'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "results/last_token/organism/squares/metrics.json").is_file()
+    assert (tmp_path / "fig/last_token.png").is_file() and (tmp_path / "fig/summary.md").is_file()
