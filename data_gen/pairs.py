@@ -14,7 +14,6 @@ from common.geometry import ORIENTATIONS, Grid, Layout, grid_boxes, line_boxes, 
 from data_gen.render import Item, Sample, compose, distinct_items, draw_scene, query_plan
 from data_gen.settings import OPPOSITE, TARGET_POSITION, Setting
 
-
 COUNTERFACTUALS = ("shared_reference", "all_distinct")
 
 
