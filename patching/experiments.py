@@ -21,7 +21,7 @@ from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.render import random_samples
 from data_gen.settings import Setting
 from patching.ablation import Ablator
-from patching.engine import PatchingEngine, PatchPlan
+from patching.engine import PairInput, PatchingEngine, PatchPlan
 from patching.interventions import VISUAL
 from vlm.models import VLM
 from vlm.scoring import AnswerScorer
@@ -68,9 +68,11 @@ def sweep(vlm: VLM, scorer: AnswerScorer, pairs, plans, sites, cfg, visuals=None
     patched = {o: np.zeros((len(pairs), len(sites)), np.float32) for o in outcomes}
     clean = {o: np.zeros(len(pairs), np.float32) for o in outcomes}
     counterfactual = {o: np.zeros(len(pairs), np.float32) for o in outcomes}
-    for i, pair in enumerate(tqdm(pairs, desc=desc, unit="pair")):
-        clean_visual, cf_visual = visuals[i] if visuals else (None, None)
-        run = engine.run_pair(pair.clean, pair.counterfactual, plans[i], sites, clean_visual, cf_visual)
+    inputs = [PairInput(pair.clean, pair.counterfactual, plans[i], *(visuals[i] if visuals else (None, None)))
+              for i, pair in enumerate(pairs)]
+    with tqdm(total=len(pairs), desc=desc, unit="pair") as bar:
+        runs = engine.run_pairs(inputs, sites, progress=bar.update)
+    for i, (pair, run) in enumerate(zip(pairs, runs, strict=True)):
         for outcome, answer in pair.targets.items():
             k = scorer.index(answer)
             patched[outcome][i] = run.patched[:, k].numpy()

@@ -41,7 +41,7 @@ def test_every_named_module_resolves_and_its_hook_fires(vlm):
     inputs = vlm.encode([white(vlm.grid)], PROMPTS[:1])
     adapter, model = vlm.adapter, vlm.model
     modules = {"visual_embeddings": adapter.visual_embedding_module(model),
-               "language_model": adapter.language_model(model)}
+               "language_model": adapter.language_model(model), "final_norm": adapter.final_norm(model)}
     modules |= {f"decoder_layers.{i}": layer for i, layer in enumerate(adapter.decoder_layers(model))}
     modules |= {f"attention.{i}": att for i, att in enumerate(adapter.attention_modules(model))}
     modules |= {f"vision_layers.{i}": layer for i, layer in enumerate(adapter.module(model, "vision_layers"))}

@@ -10,11 +10,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import BatchFeature, PretrainedConfig, PreTrainedModel
+from transformers import BatchFeature, DynamicCache, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
-MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention", "vision_layers")
+MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention", "vision_layers", "final_norm")
 
 
 class FamilyAdapter:
@@ -48,6 +49,10 @@ class FamilyAdapter:
     def visual_embedding_module(self, model) -> torch.nn.Module:
         """The module whose output is the visual embeddings handed to the LM (one row per visual token)."""
         return self.module(model, "visual_embeddings")
+
+    def final_norm(self, model) -> torch.nn.Module:
+        """The norm the LM applies to the last decoder layer's output before the head."""
+        return self.module(model, "final_norm")
 
     def language_model(self, model) -> torch.nn.Module:
         """The LM decoder alone: input embeddings in, last hidden states out (no vision tower, no head)."""
@@ -146,3 +151,65 @@ class FamilyAdapter:
     def visual_output(self, tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Inverse of `visual_tokens`: (batch, tokens, hidden) back to the module's own output layout."""
         return tokens.reshape(like.shape).to(like.dtype)
+
+    # --- recording and replaying decoder layers (vlm/replay.py, the patching engine) --------------
+    # The attention-mask argument of a decoder layer's call, and every tensor argument that has a position axis:
+    # name -> (batch axis or None, position axis). Position embeddings are (cos, sin) of (batch, L, head_dim)
+    # (Qwen2-VL's M-RoPE sections already merged, Gemma 3's per layer type); position ids (batch, L) or
+    # (3, batch, L); a cache position (L,). A family whose layers get another such argument adds it here.
+    mask_argument = "attention_mask"
+    layer_tensors = {"position_embeddings": (-3, -2), "position_ids": (-2, -1), "cache_position": (None, -1)}
+
+    def cache_argument(self, model) -> str:
+        """The forward's name for its KV cache: `cache` in newer transformers 5.x, `past_key_values` before."""
+        return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+    def new_cache(self) -> Cache:
+        """An empty cache that keeps every position of every layer (no sliding-window eviction), so a recorded
+        forward's keys and values are all there whatever the layer type."""
+        return DynamicCache()
+
+    def is_cache(self, value) -> bool:
+        return isinstance(value, Cache) or hasattr(value, "update") and not isinstance(value, torch.Tensor)
+
+    def cache_tensors(self, cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per decoder layer, the (batch, kv_heads, L, head_dim) keys and values a forward left in `cache`."""
+        if hasattr(cache, "layers"):
+            return [(layer.keys, layer.values) for layer in cache.layers]
+        return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+    def filled_cache(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
+        """A cache holding the given per-layer (batch, kv_heads, L, head_dim) keys and values."""
+        cache = self.new_cache()
+        for layer, (keys, values) in enumerate(kv):
+            cache.update(keys, values, layer)
+        return cache
+
+    def stack_inputs(self, inputs: list) -> dict:
+        """Several batch-1 encodings of one length as one batch, without the images (their visual embeddings are
+        passed to the forward instead)."""
+        return {key: torch.cat([encoded[key] for encoded in inputs]) for key in inputs[0]
+                if key not in self.image_inputs}
+
+    def final_logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """(n, vocab) float32 logits of (n, hidden) last-layer hidden states: the final norm, then the head, as
+        the model's forward does."""
+        return model.get_output_embeddings()(self.final_norm(model)(hidden)).float()
+
+    def next_position_ids(self, model, inputs, steps: int) -> torch.Tensor:
+        """Position ids of `steps` text tokens appended to the (batch-1) `inputs`: (1, steps)."""
+        length = int(inputs["input_ids"].shape[1])
+        return torch.arange(length, length + steps, device=inputs["input_ids"].device)[None]
+
+    def continue_forward(self, model, inputs, kv, tokens: torch.Tensor) -> torch.Tensor:
+        """(rows, steps, vocab) float32 logits of `tokens` (rows, steps) appended to the (batch-1) `inputs`, each row
+        continuing from its own keys and values `kv` (per layer, (rows, kv_heads, L, head_dim)): how a whole answer
+        is scored after a patched run."""
+        rows, steps = tokens.shape
+        length = int(inputs["input_ids"].shape[1])
+        positions = self.next_position_ids(model, inputs, steps)
+        positions = positions.expand(*positions.shape[:-2], rows, steps)
+        mask = torch.ones(rows, length + steps, dtype=inputs["attention_mask"].dtype, device=tokens.device)
+        out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                    **{self.cache_argument(model): self.filled_cache(kv)})
+        return out.logits.float()

@@ -1,6 +1,8 @@
 """Qwen2-VL (Qwen/Qwen2-VL-7B-Instruct): the vision tower's patch merger outputs one vector per 2 x 2 group of
 14 px patches; module paths in configs/family/qwen2vl.yaml."""
 
+import inspect
+
 import torch
 from PIL import Image
 from transformers import (
@@ -94,3 +96,13 @@ class Qwen2VLAdapter(FamilyAdapter):
     def encoder_outputs(self, tokens):
         # Qwen2-VL's get_image_features gives a tuple of per-image (tokens, hidden) tensors
         return BaseModelOutputWithPooling(pooler_output=tuple(tokens))
+
+    def next_position_ids(self, model, inputs, steps: int) -> torch.Tensor:
+        # M-RoPE: text after the image continues from the largest position id of the input, on all three axes
+        inner = model.model
+        wanted = inspect.signature(inner.get_rope_index).parameters
+        given = {key: inputs[key] for key in ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
+                 if key in wanted and key in inputs}
+        positions, _ = inner.get_rope_index(**given)
+        after = positions.max() + 1 + torch.arange(steps, device=positions.device)
+        return after.view(1, 1, steps).expand(3, 1, steps)
