@@ -15,6 +15,7 @@ when the experiment asks for it, and save the unit whole (common.results).
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,6 +64,8 @@ def run_unit(cfg: DictConfig) -> Path:
     if is_done(out) and not cfg.redo:
         print(f"{cfg.experiment.name}: {out} exists, skipping (redo=true to recompute)")
         return out
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     metrics, arrays = run(cfg, model_loader(cfg))
     save_unit(out, metrics, arrays, cfg)
     print(f"{cfg.experiment.name} {cfg.model.name} {cfg.setting.name} -> {out}")

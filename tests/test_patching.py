@@ -1,14 +1,18 @@
 """The patching engine on both twins: identities that any correct patching must satisfy, and equality
 with the naive one-forward-per-site loop."""
 
+import pytest
 import torch
 
 from common.geometry import token_indices
 from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.settings import Setting
-from patching.engine import PatchingEngine, PatchPlan, naive_sweep
-from patching.interventions import edit_residual, read_sites, site_names
-from tests.conftest import make_cfg
+from patching.ablation import Ablator
+from patching.engine import PairInput, PatchingEngine, PatchPlan, naive_patch, naive_sweep
+from patching.experiments import mirror_plan, prompt_end_offset
+from patching.interventions import VISUAL, edit_residual, read_sites, site_names
+from tests.conftest import load_twin, make_cfg
+from vlm.replay import record
 from vlm.scoring import AnswerScorer
 
 
@@ -16,28 +20,150 @@ def squares(_twin):
     return Setting.from_config(make_cfg("setting=squares").setting)
 
 
-def object_plan(grid, pair):
-    """Clean left item's tokens <- counterfactual right item's, and clean right <- counterfactual left."""
-    left, right = pair.clean.items[0].token_box, pair.clean.items[2].token_box
-    return PatchPlan(token_indices(grid, left) + token_indices(grid, right),
-                     token_indices(grid, right) + token_indices(grid, left))
+ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism"]
 
 
-def test_engine_equals_naive_loop(twin):
+@pytest.fixture(params=ENGINE_MODELS, scope="module")
+def model(request):
+    """Both twins and the organism (trained, so patching moves its answers)."""
+    return load_twin(request.param)
+
+
+def sweep_cases(vlm, setting):
+    """(name, pair inputs, sites) of every kind of sweep the experiments run: last token at the final token and at
+    the prompt's last word (every layer); object and strip patching in both orientations and ablated object
+    patching (the visual embeddings and every layer)."""
+    layers = list(range(vlm.n_layers))
+    cases = []
+    for position in ("last_token", "prompt_end"):
+        pairs = last_token_pairs(setting, vlm.grid, vlm.layout, 2, 3)
+        cases.append((position, [PairInput(p.clean, p.counterfactual,
+                                           PatchPlan(from_end=prompt_end_offset(vlm, p, position))) for p in pairs],
+                      layers))
+    for region in ("items", "strips"):
+        pairs = mirror_pairs(setting, vlm.grid, vlm.layout, 2, 0)      # one horizontal, one vertical
+        cases.append((region, [PairInput(p.clean, p.counterfactual, mirror_plan(vlm.grid, p, region)) for p in pairs],
+                      [VISUAL, *layers]))
+    pair = mirror_pairs(setting, vlm.grid, vlm.layout, 1, 5)[0]
+    ablator = Ablator(vlm, setting, vlm.grid, vlm.layout)
+    ablated = (ablator.ablated(pair.clean)[None], ablator.ablated(pair.counterfactual)[None])
+    cases.append(("ablated", [PairInput(pair.clean, pair.counterfactual, mirror_plan(vlm.grid, pair, "items"),
+                                        *ablated)], layers))
+    return cases
+
+
+def naive_reference(vlm, scorer, case):
+    _, inputs, sites = case
+    out = []
+    for pair in inputs:
+        if pair.clean_visual is None:
+            out.append(naive_sweep(vlm, scorer, pair.clean, pair.counterfactual, pair.plan, sites))
+            continue
+        # ablated inputs: the naive loop over the given visual embeddings (vision tower skipped in every run)
+        clean_in = vlm.encode([pair.clean.image], [pair.clean.prompt])
+        cf_in = vlm.encode([pair.counterfactual.image], [pair.counterfactual.prompt])
+        dst, src = pair.plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
+        with read_sites(vlm, sites) as acts:
+            vlm.last_logits(cf_in, visual_tokens=pair.cf_visual)
+        rows = []
+        for site in sites:
+            with naive_patch(vlm, pair.plan, site, acts[site], dst, src):
+                rows.append(scorer.probabilities(vlm.last_logits(clean_in, visual_tokens=pair.clean_visual)))
+        out.append(torch.cat(rows))
+    return out
+
+
+def test_engine_equals_naive_loop_on_every_sweep(model):
+    """Every site of every kind of sweep, several pairs per pass and passes split small (batch_size=2), equal to
+    one full forward per site to 1e-5 in float32."""
+    setting = squares(model)
+    scorer = AnswerScorer(model.tokenizer, setting.candidates)
+    engine = PatchingEngine(model, scorer, batch_size=2)
+    moved = 0.0
+    for case in sweep_cases(model, setting):
+        name, inputs, sites = case
+        runs = engine.run_pairs(inputs, sites)
+        for run, reference in zip(runs, naive_reference(model, scorer, case), strict=True):
+            assert run.patched.shape == (len(sites), len(setting.candidates))
+            torch.testing.assert_close(run.patched, reference, rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+            moved = max(moved, float((run.patched - run.clean).abs().max()))
+    assert moved > 1e-3      # the patches do change the answers: the equality is not that of unpatched runs
+
+
+def test_gemma_image_block_is_never_split(model):
+    """Gemma 3's image tokens attend to each other both ways, so a patched visual token changes the image tokens
+    before it too: the shared prefix stops where the image starts. Qwen2-VL is causal: it stops at the token."""
+    sample = last_token_pairs(squares(model), model.grid, model.layout, 1, 0)[0].clean
+    inputs = model.encode([sample.image], [sample.prompt])
+    rec = record(model, [inputs], [model.visual_tokens(inputs)], 1)[0]
+    positions = model.visual_token_positions(inputs["input_ids"])[0]
+    first, inside = int(positions[0]), int(positions[40])
+    expected = first if model.adapter.name == "gemma3" else inside
+    assert rec.shareable_prefix(inside) == expected
+    assert rec.shareable_prefix(first) == first
+    assert rec.shareable_prefix(rec.length - 1) == rec.length - 1       # text after the image is causal
+
+
+class ContinuingEngine(PatchingEngine):
+    """An engine whose every batch of runs is also continued by two answer tokens (what whole-answer scoring
+    does in `candidates`)."""
+
+    def __init__(self, vlm, scorer, tokens, **kwargs):
+        super().__init__(vlm, scorer, **kwargs)
+        self.keep_cache, self.tokens, self.seen = True, tokens, []
+
+    def candidates(self, runs):
+        steps = runs.continue_with(self.tokens.expand(runs.logits.shape[0], -1))
+        self.seen.append((runs.logits, steps))
+        return super().candidates(runs)
+
+
+def test_patched_runs_continue_from_their_own_cache(twin):
+    """Tokens appended to a patched run (teacher forcing an answer) score as in one full forward of the longer
+    input patched at the same site."""
     setting = squares(twin)
     scorer = AnswerScorer(twin.tokenizer, setting.candidates)
-    sites = site_names(twin)
-    engine = PatchingEngine(twin, scorer, batch_size=3)         # chunks of 3: exercises the chunking too
+    tokens = torch.tensor([[scorer.token_ids[0][0], scorer.token_ids[1][0]]])
     pair = mirror_pairs(setting, twin.grid, twin.layout, 1, 0)[0]
-    plan = object_plan(twin.grid, pair)
-    torch.testing.assert_close(engine.run_pair(pair.clean, pair.counterfactual, plan, sites).patched,
-                               naive_sweep(twin, scorer, pair.clean, pair.counterfactual, plan, sites),
-                               rtol=1e-4, atol=1e-5)
-    lt = last_token_pairs(setting, twin.grid, twin.layout, 1, 3)[0]
-    layers = sites[1:]
-    torch.testing.assert_close(engine.run_pair(lt.clean, lt.counterfactual, PatchPlan(), layers).patched,
-                               naive_sweep(twin, scorer, lt.clean, lt.counterfactual, PatchPlan(), layers),
-                               rtol=1e-4, atol=1e-5)
+    plan, sites = mirror_plan(twin.grid, pair, "strips"), [VISUAL, 0, twin.n_layers - 2]
+    engine = ContinuingEngine(twin, scorer, tokens, batch_size=4)
+    engine.run_pair(pair.clean, pair.counterfactual, plan, sites)
+    (unpatched, unpatched_steps), (patched, patched_steps) = engine.seen
+    clean_in = twin.encode([pair.clean.image], [pair.clean.prompt])
+    cf_in = twin.encode([pair.counterfactual.image], [pair.counterfactual.prompt])
+    dst, src = plan.positions(twin, clean_in["input_ids"], cf_in["input_ids"])
+    longer = append_tokens(clean_in, tokens)
+    steps = tokens.shape[1]
+    clean_full = full_logits(twin, longer, steps)
+    with read_sites(twin, sites) as acts:
+        cf_full = full_logits(twin, append_tokens(cf_in, tokens), steps)
+    for run, full in ((0, clean_full), (1, cf_full)):
+        torch.testing.assert_close(unpatched[run], full[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(unpatched_steps[run], full[1:], rtol=1e-4, atol=1e-4)
+    for row, site in enumerate(sites):
+        source = acts[site] if site == VISUAL else acts[site][:, :cf_in["input_ids"].shape[1]]
+        with naive_patch(twin, plan, site, source, dst, src):
+            full = full_logits(twin, longer, steps)
+        torch.testing.assert_close(patched[row], full[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(patched_steps[row], full[1:], rtol=1e-4, atol=1e-4)
+
+
+def append_tokens(inputs, tokens):
+    """`inputs` (batch 1) with text `tokens` (1, steps) appended."""
+    out = dict(inputs)
+    steps = tokens.shape[1]
+    out["input_ids"] = torch.cat([inputs["input_ids"], tokens], dim=1)
+    for key in ("attention_mask", "mm_token_type_ids", "token_type_ids"):
+        if key in inputs:
+            fill = 1 if key == "attention_mask" else 0
+            out[key] = torch.cat([inputs[key], torch.full((1, steps), fill, dtype=inputs[key].dtype)], dim=1)
+    return out
+
+
+def full_logits(vlm, inputs, steps):
+    """(steps + 1, vocab) float32 logits of one full forward at the original input's last position and the `steps`
+    appended ones."""
+    return vlm.adapter.forward(vlm.model, inputs).logits[0, -(steps + 1):].float()
 
 
 def test_patching_a_run_with_itself_changes_nothing(twin):

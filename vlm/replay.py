@@ -321,7 +321,7 @@ def _stack_rows(entries, ranked, suffix):
     """One layer argument for all rows: each row's value at its suffix positions, concatenated on the batch axis
     (an argument without one, such as a cache position, is the first row's)."""
     _, batch_dim, position_dim = entries[0]
-    parts = [_select(value, batch_dim, position_dim, row, suffix) for (value, _, _), row in zip(entries, ranked)]
+    parts = [_select(value, batch_dim, position_dim, row, suffix) for (value, _, _), row in zip(entries, ranked, strict=True)]
     if batch_dim is None:
         return parts[0]
     if isinstance(parts[0], tuple):
