@@ -89,7 +89,8 @@ class Detector:
         self.query, self.threshold = str(dcfg.query), float(dcfg.threshold)
         self.device, self.dtype = resolve_device(str(dcfg.device)), getattr(torch, str(dcfg.dtype))
         try:
-            path = str(Path(str(dcfg.path)).expanduser()) if Path(str(dcfg.path)).expanduser().exists() else str(dcfg.path)
+            local = Path(str(dcfg.path)).expanduser()
+            path = str(local) if local.exists() else str(dcfg.path)          # a local directory or a hub id
             self.processor = Owlv2Processor.from_pretrained(path)
             self.model = Owlv2ForObjectDetection.from_pretrained(path, dtype=self.dtype)
         except (OSError, ValueError) as err:

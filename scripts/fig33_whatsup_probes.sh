@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Fig 33-35: horizontal position probes on What'sUp composites (tokens inside each item's box labelled by its
 # position), then the example composite with its boxes and the heat maps (figures/fig33_whatsup_probes/).
-#   bash scripts/fig33_whatsup_probes.sh data.whatsup_dir=DIR                     # qwen2vl_7b and gemma3_4b, GPU
-#   python -m data_gen.whatsup stand_in /tmp/whatsup_stand_in
-#   bash scripts/fig33_whatsup_probes.sh model=organism data.whatsup_dir=/tmp/whatsup_stand_in device=cpu
+# Boxes first: `python -m data_gen.whatsup boxes data.whatsup_dir=DIR` writes DIR/boxes.json (detector).
+#   bash scripts/fig33_whatsup_probes.sh data.whatsup_dir=DIR data.whatsup_boxes=DIR/boxes.json  # both models, GPU
+#   python -m data_gen.whatsup stand_in /tmp/whatsup_stand_in                    # stand-ins + their known boxes
+#   bash scripts/fig33_whatsup_probes.sh model=organism data.whatsup_dir=/tmp/whatsup_stand_in \
+#        data.whatsup_boxes=/tmp/whatsup_stand_in/boxes.json device=cpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

@@ -34,7 +34,13 @@ def build_tiny_owlv2(path: Path) -> Path:
     so every patch proposes its own cell (well-formed boxes), and the logit shift and scale, so a score is
     sigmoid(cosine of patch and query), between 0.27 and 0.73."""
     import torch
-    from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor, Owlv2Processor
+    from transformers import (
+        CLIPTokenizer,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+    )
 
     vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}
     for c in string.ascii_lowercase:
