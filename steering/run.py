@@ -25,7 +25,7 @@ from common.errors import UsageError, check_choice
 from common.results import fmt_metric
 from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import load_splits, whatsup_root
+from data_gen.whatsup import load_splits, require_boxes, whatsup_root
 from probing.extract import load_or_extract
 from probing.probes import Probe, fit_item_probe, load_probe
 from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
@@ -76,6 +76,8 @@ def check_inputs(cfg: DictConfig) -> None:
     check_choice("adaptvis.confidence", cfg.adaptvis.confidence, CONFIDENCES)
     if not float(cfg.probe.C) > 0:
         raise UsageError(f"probe.C={cfg.probe.C} must be positive")
+    if cfg.probes_from in (None, ""):    # the probe is fit here, on the train split's item tokens
+        require_boxes(cfg, "amplification (probes_from=null)")
 
 
 def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:

@@ -108,7 +108,8 @@ def test_whatsup_samples_are_both_directions_of_one_split(stand_in):
 
 def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
-                   f"results_dir={tmp_path / 'results'}", "variants=[predicted,every_class]", *SMALL)
+                   f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path / 'results'}",
+                   "variants=[predicted,every_class]", *SMALL)
     run_unit(cfg)
     record, arrays = load_unit(unit_dir(cfg))
     metrics = record["metrics"]
@@ -145,6 +146,9 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     (["data.whatsup_dir=/no/such/whatsup"], "/no/such/whatsup"),
     (["data.whatsup_dir=.", "variants=[sideways]"], "sideways"),
     (["data.whatsup_dir=.", "setting=squares"], "does not run on setting 'squares'"),
+    (["data.whatsup_dir=."], "data.whatsup_boxes is not set: make them with `python -m data_gen.whatsup boxes "
+                             "data.whatsup_dir=.` (an open-vocabulary detector), then pass data.whatsup_boxes=FILE"),
+    (["data.whatsup_dir=.", "data.whatsup_boxes=/no/boxes.json"], "data.whatsup_boxes=/no/boxes.json does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
     done = subprocess.run([sys.executable, "-m", "runner", "experiment=amplification", "model=tiny_qwen2vl", "device=cpu",
@@ -155,14 +159,46 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, need
     assert not (tmp_path / "results").exists()
 
 
-def test_whatsup_probes_label_every_token_of_unequal_boxes(stand_in, tmp_path):
-    """Gemma's 16 columns cut at thirds give parts of 5, 6 and 5 columns: item tokens are padded with -1 and
-    every token inside a box is a training example labelled with the box's position."""
+def test_whatsup_probes_train_only_on_the_tokens_inside_the_boxes(stand_in, tmp_path):
+    """The stand-ins' known boxes on Gemma's 16 x 16 grid of 56 px tokens (896 x 896; x scales by 5.6, y by
+    896/120), by hand: left object (15, 60, 41, 90) -> (84, 448, 230, 672), tokens rows [8, 12) x cols [1, 5)
+    = 16; reference (62, 40, 98, 100) -> (347, 298, 549, 747), rows [5, 14) x cols [6, 10) = 36; right object
+    (119, 60, 145, 90) -> (666, 448, 812, 672), rows [8, 12) x cols [11, 15) = 16. Unequal boxes: item tokens
+    are padded with -1; only the 68 tokens inside boxes of each image are training examples (of 256)."""
+    from probing.extract import Embeddings
+
     cfg = make_cfg("model=tiny_gemma3", "experiment=whatsup_probes", f"data.whatsup_dir={stand_in}",
-                   f"results_dir={tmp_path}", f"embeddings_dir={tmp_path / 'emb'}", "n_train=3", "n_test=2")
+                   f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path}",
+                   f"embeddings_dir={tmp_path / 'emb'}", "n_train=3", "n_test=2")
     run_unit(cfg)
     record, arrays = load_unit(unit_dir(cfg))
     m = record["metrics"]["probes"]["horizontal"]
-    assert m["n_train_images"] == 3 and m["n_train_tokens"] == 3 * 16 * 16 and m["n_test_images"] == 2
-    item_map = arrays["horizontal.item_map"]
-    assert [int((item_map == k).sum()) for k in range(3)] == [16 * 5, 16 * 6, 16 * 5]
+    assert m["n_train_images"] == 3 and m["n_train_tokens"] == 3 * (16 + 36 + 16) and m["n_test_images"] == 2
+    assert m["n_test_tokens"] == 2 * (16 + 36 + 16)
+    expected = np.full((16, 16), -1)
+    expected[8:12, 1:5], expected[5:14, 6:10], expected[8:12, 11:15] = 0, 1, 2
+    np.testing.assert_array_equal(arrays["horizontal.item_map"], expected)
+    np.testing.assert_array_equal(arrays["horizontal.example_item_box"], [[8, 1, 12, 5], [5, 6, 14, 10], [8, 11, 12, 15]])
+    train = Embeddings.load(m["embeddings"]["train"])
+    for tokens in train.item_tokens:                          # (items, padded tokens) per training image
+        assert [sorted(t[t >= 0].tolist()) for t in tokens] == [sorted(np.flatnonzero(expected == k).tolist())
+                                                                  for k in range(3)]
+
+
+def test_whatsup_probes_without_boxes_exit_2_in_one_line_saying_how_to_make_them(stand_in, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "probing.run", "experiment=whatsup_probes", "model=tiny_qwen2vl",
+                           "device=cpu", f"data.whatsup_dir={stand_in}", f"results_dir={tmp_path / 'results'}"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: experiment=whatsup_probes trains on the tokens inside")
+    assert f"`python -m data_gen.whatsup boxes data.whatsup_dir={stand_in}`" in lines[0]
+    assert "then pass data.whatsup_boxes=FILE" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_amplification_from_saved_probes_needs_no_boxes(stand_in, tmp_path):
+    from steering.run import check_inputs
+
+    check_inputs(make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
+                          f"probes_from={tmp_path}"))
