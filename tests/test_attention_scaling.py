@@ -234,17 +234,20 @@ def test_layers_subset_scales_only_those_layers():
     assert float((weights[1][:, :, -1] - plain_weights[1][:, :, -1]).abs().max()) > 1e-4
 
 
-def test_gemma_sliding_window_keeps_masked_image_keys_masked():
+def test_gemma_sliding_window_and_own_scale():
     """A Gemma 3 twin whose layers alternate sliding (window 40, shorter than the text after the image's first
-    tokens) and full attention: the last row of a sliding layer cannot see the early image keys, with or
-    without scaling, and the result still equals the hand-written forward."""
+    tokens) and full attention, with query_pre_attn_scalar (24) != head_dim (16): the last row of a sliding
+    layer cannot see the early image keys, with or without scaling, and the result still equals the
+    hand-written forward, which scales by query_pre_attn_scalar ** -0.5."""
     vlm = load_model(make_cfg("model=tiny_gemma3", "model.init=random", "model.attn_implementation=eager",
                               "model.architecture.text_config.sliding_window=40",
+                              "model.architecture.text_config.query_pre_attn_scalar=24",
                               "+model.architecture.text_config.layer_types=[sliding_attention,full_attention,"
                               "sliding_attention,full_attention]"))
     assert vlm.model.config.text_config.layer_types[:2] == ["sliding_attention", "full_attention"]
-    expected, expected_weights = reference_logits(vlm, 2.0)
-    logits, weights = attention_weights(vlm, 2.0)
+    assert vlm.decoder_layers[0].self_attn.scaling == 24 ** -0.5 != vlm.decoder_layers[0].self_attn.head_dim ** -0.5
+    expected, expected_weights = reference_logits(vlm, (0.0, 2.0))     # c = 0: masked image keys stay masked
+    logits, weights = attention_weights(vlm, [0.0, 2.0])
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     image = prepared(vlm)[0]["input_ids"] == vlm.image_token_id
     first_image = image.double().argmax(-1)
