@@ -8,17 +8,21 @@
 2. On the val and test splits (both queried directions of every composite), each batch is encoded and its
    visual embeddings computed once; then the last-position logits are taken for: no intervention; every
    alpha with the probe directions (per variant); every alpha with random directions of the same norms (per
-   seed); ScalingVis at every coefficient; AdaptVis at every threshold.
+   seed); ScalingVis at every coefficient (steering/attention.py: the authors' operation); AdaptVis at every
+   (weight1, weight2, threshold), each example taking the ScalingVis run at its own coefficient
+   (`adaptvis_logits`; weights outside the ScalingVis grid get their own run); the image-attention
+   reweighting (not ScalingVis) at every coefficient.
 3. Per split and method: accuracy, % of the unmodified run's wrong answers corrected, % of its right answers
-   broken. Each method's alpha / coefficient / threshold is the best on val (earliest on ties); the table
-   reports test at that value, next to the full curves on both splits.
+   broken. Each method's setting (alpha; coefficient; weight1, weight2, threshold) is the best on val
+   (earliest on ties, in grid order); the table reports test at that setting, next to the full curves on both
+   splits.
 """
 
 import math
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from common.errors import UsageError, check_choice
@@ -29,11 +33,12 @@ from data_gen.whatsup import load_splits, require_boxes, whatsup_root
 from probing.extract import load_or_extract
 from probing.probes import Probe, fit_item_probe, load_probe
 from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
-from steering.attention import adaptvis_coefficients, scaled_logits
+from steering.attention import adaptvis_confidence, adaptvis_logits, reweighted_logits, scaled_logits
 from vlm.scoring import AnswerScorer
 
 EXPERIMENT = "amplification"
-CONFIDENCES = ("vocab", "candidates")
+ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
+REWEIGHTING_QUERIES = ("last", "all")   # steering.attention.QUERIES, not imported here: it loads transformers
 DEFINITIONS = {
     "corrected": "fraction of the samples the unmodified run answered wrong that the method answers right",
     "broken": "fraction of the samples the unmodified run answered right that the method answers wrong",
@@ -41,10 +46,21 @@ DEFINITIONS = {
     "every_class": "each visual token gets alpha times the sum of every class direction",
     "random": "the same assignment with Gaussian directions rescaled to the probe directions' norms; "
               "metrics averaged over seeds",
-    "chosen": "each method's alpha, coefficient or threshold with the best val accuracy (earliest on ties); "
-              "table = test metrics at that value",
+    "scalingvis": "the last query row's pre-softmax scores at image keys times the coefficient, every LM layer "
+                  "(Chen et al. 2025, github.com/shiqichen17/AdaptVis)",
+    "adaptvis": "ScalingVis with weight1 where the unmodified run's largest vocabulary probability, rounded to 2 "
+                "decimals, is < threshold, else weight2",
+    "image_attention_reweighting": "not ScalingVis: post-softmax image-key attention weights times the "
+                                   "coefficient, rows renormalised",
+    "chosen": "each method's setting (alpha; coefficient; weight1, weight2, threshold) with the best val accuracy "
+              "(earliest on ties, in grid order); table = test metrics at that setting",
 }
 
+
+
+def _listed(values):
+    """A config value that may be one number or a list of them, as a list."""
+    return [values] if isinstance(values, (int, float)) and not isinstance(values, bool) else values
 
 
 def _numbers(name: str, values, positive: bool = False) -> list[float]:
@@ -70,10 +86,14 @@ def check_inputs(cfg: DictConfig) -> None:
         check_choice("amplification variant", v, VARIANTS)
     if [s for s in cfg.random_seeds if isinstance(s, bool) or not isinstance(s, int)] or not list(cfg.random_seeds):
         raise UsageError(f"random_seeds must be a non-empty list of integers, got {list(cfg.random_seeds or [])}")
-    _numbers("scalingvis.coefficients", cfg.scalingvis.coefficients, positive=True)
-    _numbers("adaptvis.thresholds", cfg.adaptvis.thresholds)
-    _numbers("adaptvis weights", [cfg.adaptvis.weight1, cfg.adaptvis.weight2], positive=True)
-    check_choice("adaptvis.confidence", cfg.adaptvis.confidence, CONFIDENCES)
+    for name in ("scalingvis.coefficients", "adaptvis.weight1", "adaptvis.weight2"):
+        if [v for v in _numbers(name, _listed(OmegaConf.select(cfg, name))) if v < 0]:
+            raise UsageError(f"{name} holds a negative coefficient; expected numbers >= 0")
+    _numbers("adaptvis.thresholds", _listed(cfg.adaptvis.thresholds))
+    _numbers("image_attention_reweighting.coefficients", _listed(cfg.image_attention_reweighting.coefficients),
+             positive=True)
+    check_choice("image_attention_reweighting.queries", cfg.image_attention_reweighting.queries,
+                 REWEIGHTING_QUERIES)
     if not float(cfg.probe.C) > 0:
         raise UsageError(f"probe.C={cfg.probe.C} must be positive")
     if cfg.probes_from in (None, ""):    # the probe is fit here, on the train split's item tokens
@@ -92,13 +112,18 @@ def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:
 
 
 @torch.no_grad()
-def predictions(vlm, scorer, samples, probe: Probe, directions: dict, cfg: DictConfig) -> dict[str, np.ndarray]:
+def predictions(vlm, scorer, samples, probe: Probe, directions: dict,
+                cfg: DictConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Predicted candidate index of every sample under every method: none (n,), `probe.<variant>` (A, n),
-    `random.<variant>` (seeds, A, n), scalingvis (coefficients, n), adaptvis (thresholds, n).
+    `random.<variant>` (seeds, A, n), and over their grids (`grid_of`) scalingvis, adaptvis and
+    image_attention_reweighting (settings, n); and AdaptVis's rounded confidence of every sample (n,).
 
     `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
     alphas, variants = [float(a) for a in cfg.alphas], list(cfg.variants)
-    out = {"none": [], "scalingvis": [], "adaptvis": []}
+    sv, av, rw = cfg.scalingvis, cfg.adaptvis, cfg.image_attention_reweighting
+    coefficients = sorted({*grid_values(cfg.scalingvis.coefficients), *grid_values(av.weight1),
+                           *grid_values(av.weight2)})
+    out, confidences = {"none": [], **{method: [] for method in ATTENTION_METHODS}}, []
     out |= {f"probe.{v}": [] for v in variants} | {f"random.{v}": [] for v in variants}
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"amplification {vlm.name}", unit="batch"):
         batch = samples[start:start + cfg.batch_size]
@@ -117,17 +142,17 @@ def predictions(vlm, scorer, samples, probe: Probe, directions: dict, cfg: DictC
             out[f"random.{v}"].append(np.stack([np.stack([
                 predict(vlm.last_logits(inputs, amplify(tokens, d, a, v, classes))) for a in alphas])
                 for d in directions["random"]]))
-        sv = cfg.scalingvis
-        out["scalingvis"].append(np.stack([
-            predict(scaled_logits(vlm, inputs, c, sv.layers, sv.queries, visual_tokens=tokens))
-            for c in sv.coefficients]))
-        av = cfg.adaptvis
-        judge = scorer if av.confidence == "candidates" else None
+        scaled = {c: scaled_logits(vlm, inputs, c, sv.layers, visual_tokens=tokens) for c in coefficients}
+        out["scalingvis"].append(np.stack([predict(scaled[s["coefficient"]]) for s in grid_of(cfg, "scalingvis")]))
+        confidence = adaptvis_confidence(base)                             # of the unmodified run
+        confidences.append(confidence.numpy())
         out["adaptvis"].append(np.stack([
-            predict(scaled_logits(vlm, inputs, adaptvis_coefficients(vlm, inputs, t, av.weight1, av.weight2, judge, base),
-                                  sv.layers, sv.queries, visual_tokens=tokens))
-            for t in av.thresholds]))
-    return {name: np.concatenate(parts, axis=-1) for name, parts in out.items()}
+            predict(adaptvis_logits(confidence, s["threshold"], scaled[s["weight1"]], scaled[s["weight2"]]))
+            for s in grid_of(cfg, "adaptvis")]))
+        out["image_attention_reweighting"].append(np.stack([
+            predict(reweighted_logits(vlm, inputs, s["coefficient"], rw.layers, rw.queries, visual_tokens=tokens))
+            for s in grid_of(cfg, "image_attention_reweighting")]))
+    return {name: np.concatenate(parts, axis=-1) for name, parts in out.items()}, np.concatenate(confidences)
 
 
 def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
@@ -151,12 +176,26 @@ def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
     return metrics
 
 
-def grid_of(cfg: DictConfig, method: str) -> list[float]:
-    if method == "scalingvis":
-        return [float(c) for c in cfg.scalingvis.coefficients]
+def grid_values(values) -> list[float]:
+    return [float(v) for v in _listed(values)]
+
+
+def grid_of(cfg: DictConfig, method: str) -> list[dict[str, float]]:
+    """A method's settings, in the order its predictions are stacked and ties are broken: {"alpha": a} for
+    probe / random, {"coefficient": c} for scalingvis and image_attention_reweighting, {"weight1", "weight2",
+    "threshold"} for adaptvis (weight1 outermost, threshold innermost)."""
+    if method in ("scalingvis", "image_attention_reweighting"):
+        return [{"coefficient": c} for c in grid_values(cfg[method].coefficients)]
     if method == "adaptvis":
-        return [float(t) for t in cfg.adaptvis.thresholds]
-    return [float(a) for a in cfg.alphas]
+        av = cfg.adaptvis
+        return [{"weight1": w1, "weight2": w2, "threshold": t} for w1 in grid_values(av.weight1)
+                for w2 in grid_values(av.weight2) for t in grid_values(av.thresholds)]
+    return [{"alpha": a} for a in grid_values(cfg.alphas)]
+
+
+def setting_text(setting: dict[str, float]) -> str:
+    """'alpha 5', 'coefficient 0.8', 'weight1 0.5, weight2 1.5, threshold 0.4'."""
+    return ", ".join(f"{name} {value:g}" for name, value in setting.items())
 
 
 def amplification(cfg: DictConfig, get_vlm):
@@ -175,28 +214,29 @@ def amplification(cfg: DictConfig, get_vlm):
     norms = np.linalg.norm(probe_dirs, axis=-1)
     random_dirs = np.stack([random_directions(norms, probe_dirs.shape[1], seed) for seed in cfg.random_seeds])
     directions = {"probe": torch.from_numpy(probe_dirs), "random": torch.from_numpy(random_dirs)}
-    metrics = {"variants": list(cfg.variants), "alphas": grid_of(cfg, "probe"),
-               "scalingvis_coefficients": grid_of(cfg, "scalingvis"), "adaptvis_thresholds": grid_of(cfg, "adaptvis"),
+    metrics = {"variants": list(cfg.variants), "alphas": grid_values(cfg.alphas),
+               "grids": {kind: grid_of(cfg, kind) for kind in ("probe", "random", *ATTENTION_METHODS)},
                "random_seeds": list(cfg.random_seeds), "probe": {**probe_info, "direction_norms": norms.tolist()},
                "splits": {}, "definitions": DEFINITIONS}
     arrays = {**probe.to_arrays("horizontal"), "candidates": np.array(scorer.candidates),
               "random_directions": random_dirs, "alphas": np.array(metrics["alphas"])}
     for name, samples in split_samples.items():
-        pred = predictions(vlm, scorer, samples, probe, directions, cfg)
+        pred, confidence = predictions(vlm, scorer, samples, probe, directions, cfg)
         answer = np.array([scorer.candidates.index(s.answer) for s in samples])
         metrics["splits"][name] = split_metrics(pred, answer)
         arrays |= {f"{name}.pred.{method}": values for method, values in pred.items()}
+        arrays[f"{name}.adaptvis_confidence"] = confidence
         arrays |= {f"{name}.answer": answer, f"{name}.sample_id": np.array([s.id for s in samples])}
     metrics["chosen"], metrics["table"] = {}, {"none": metrics["splits"]["test"]["none"]}
     for method in metrics["splits"]["val"]:
         if method == "none":
             continue
         k = choose([m["accuracy"] for m in metrics["splits"]["val"][method]["curve"]])
-        grid = grid_of(cfg, method.split(".")[0])
-        metrics["chosen"][method] = grid[k]
-        metrics["table"][method] = {"value": grid[k], **metrics["splits"]["test"][method]["curve"][k]}
+        chosen = metrics["grids"][method.split(".")[0]][k]
+        metrics["chosen"][method] = chosen
+        metrics["table"][method] = {"chosen": chosen, **metrics["splits"]["test"][method]["curve"][k]}
     for method, m in metrics["table"].items():
-        value = f" at {m['value']:g}" if "value" in m else ""
+        value = f" at {setting_text(m['chosen'])}" if "chosen" in m else ""
         print(f"{EXPERIMENT} {vlm.name} test {method}{value}: accuracy {m['accuracy']:.3f}, corrected "
               f"{fmt_metric(m['corrected'])}, broken {fmt_metric(m['broken'])}")
     return metrics, arrays

@@ -16,10 +16,12 @@ from data_gen.whatsup import load_splits, write_stand_in
 from probing.probes import fit_probe
 from runner import run_unit
 from steering.amplify import amplify, choose, outcome_metrics, random_directions, token_classes
+from steering.run import check_inputs
 from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ("alphas=[0,1,2]", "random_seeds=[0,1]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
+SMALL = ("alphas=[0,1,2]", "random_seeds=[0,1]", "scalingvis.coefficients=[0,2.0]", "adaptvis.weight1=[0.5]",
+         "adaptvis.weight2=[1.5,2.0]", "adaptvis.thresholds=[0.5,1.0]", "image_attention_reweighting.coefficients=[2.0]",
          "batch_size=8")
 
 
@@ -116,15 +118,29 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     n_val, n_test = (2 * len(load_splits(cfg)[s]) for s in ("val", "test"))
     assert arrays["test.pred.probe.predicted"].shape == (3, n_test)
     assert arrays["val.pred.random.every_class"].shape == (2, 3, n_val)
-    assert arrays["test.pred.scalingvis"].shape == (1, n_test) and arrays["test.pred.adaptvis"].shape == (1, n_test)
+    assert arrays["test.pred.scalingvis"].shape == (2, n_test) and arrays["test.pred.adaptvis"].shape == (4, n_test)
+    assert arrays["test.pred.image_attention_reweighting"].shape == (1, n_test)
+    assert metrics["grids"]["adaptvis"] == [{"weight1": 0.5, "weight2": w2, "threshold": t}
+                                            for w2 in (1.5, 2.0) for t in (0.5, 1.0)]
     for method in ("probe.predicted", "probe.every_class", "random.predicted", "random.every_class"):
         # alpha = 0 is no intervention
         np.testing.assert_array_equal(arrays[f"test.pred.{method}"][..., 0, :], np.broadcast_to(
             arrays["test.pred.none"], arrays[f"test.pred.{method}"][..., 0, :].shape))
+    for method in ("probe.predicted", "random.every_class", "scalingvis", "adaptvis", "image_attention_reweighting"):
+        # each method's setting is the earliest best on val, and the table is test at that setting
         curve = [m["accuracy"] for m in metrics["splits"]["val"][method]["curve"]]
-        assert metrics["chosen"][method] == [0, 1, 2][int(np.argmax(curve))]
-        k = [0, 1, 2].index(metrics["chosen"][method])
+        k = int(np.argmax(curve))
+        assert metrics["chosen"][method] == metrics["grids"][method.split(".")[0]][k]
+        assert metrics["table"][method]["chosen"] == metrics["chosen"][method]
         assert metrics["table"][method]["accuracy"] == metrics["splits"]["test"][method]["curve"][k]["accuracy"]
+    assert metrics["chosen"]["probe.predicted"] in [{"alpha": a} for a in (0, 1, 2)]
+    # AdaptVis: each example gets ScalingVis at weight1 below the threshold, else at weight2 (rounded confidence)
+    confidence = arrays["test.adaptvis_confidence"]
+    np.testing.assert_array_equal(confidence, np.round(confidence, 2))
+    for k, chosen in enumerate(metrics["grids"]["adaptvis"]):
+        if chosen["weight2"] == 2.0:                        # ScalingVis ran at 2.0 (grid [0, 2.0])
+            high = confidence >= chosen["threshold"]
+            np.testing.assert_array_equal(arrays["test.pred.adaptvis"][k][high], arrays["test.pred.scalingvis"][1][high])
     correct = arrays["test.pred.probe.predicted"][2] == arrays["test.answer"]
     assert metrics["splits"]["test"]["probe.predicted"]["curve"][2]["accuracy"] == pytest.approx(correct.mean())
     assert np.allclose(np.linalg.norm(arrays["random_directions"], axis=-1), 1.0, atol=1e-5)
@@ -135,10 +151,15 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
                            str(tmp_path / "results"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = (out / "table3.md").read_text()
-    for label in ("None", "Random amp. (predicted)", "ScalingVis", "AdaptVis", "Ordering amp. (every_class)"):
+    for label in ("None", "Random amp. (predicted)", "ScalingVis", "AdaptVis", "Ordering amp. (every_class)",
+                  "Attention reweighting (not ScalingVis)"):
         assert f"| {label} |" in table
+    chosen = metrics["chosen"]["adaptvis"]
+    assert (f"| AdaptVis | weight1 {chosen['weight1']:g}, weight2 {chosen['weight2']:g}, threshold "
+            f"{chosen['threshold']:g} |") in table
+    assert f"| ScalingVis | coefficient {metrics['chosen']['scalingvis']['coefficient']:g} |" in table
     assert (out / "table3_tiny_qwen2vl_whatsup_alpha.png").stat().st_size > 0
-    assert len(json.loads((out / "table3.json").read_text())) == 7
+    assert len(json.loads((out / "table3.json").read_text())) == 8
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -186,7 +207,7 @@ def test_whatsup_probes_train_only_on_the_tokens_inside_the_boxes(stand_in, tmp_
 
 
 def test_whatsup_probes_without_boxes_exit_2_in_one_line_saying_how_to_make_them(stand_in, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "probing.run", "experiment=whatsup_probes", "model=tiny_qwen2vl",
+    done = subprocess.run([sys.executable, "-m", "runner", "experiment=whatsup_probes", "model=tiny_qwen2vl",
                            "device=cpu", f"data.whatsup_dir={stand_in}", f"results_dir={tmp_path / 'results'}"],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
@@ -198,7 +219,5 @@ def test_whatsup_probes_without_boxes_exit_2_in_one_line_saying_how_to_make_them
 
 
 def test_amplification_from_saved_probes_needs_no_boxes(stand_in, tmp_path):
-    from steering.run import check_inputs
-
     check_inputs(make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
                           f"probes_from={tmp_path}"))

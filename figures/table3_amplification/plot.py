@@ -1,6 +1,7 @@
 """Redraw paper Table 3 (probe amplification against no intervention, random directions, ScalingVis and
-AdaptVis on What'sUp composites) from results/amplification/<model>/<setting>/metrics.json: table3.md,
-table3.json and one PNG of alpha curves per model and setting."""
+AdaptVis on What'sUp composites, plus an image-attention reweighting that is not ScalingVis) from
+results/amplification/<model>/<setting>/metrics.json: table3.md, table3.json and one PNG of alpha curves per
+model and setting."""
 
 import argparse
 import json
@@ -16,10 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common.results import find_units  # noqa: E402
 
 LABELS = {"none": "None", "random": "Random amp.", "scalingvis": "ScalingVis", "adaptvis": "AdaptVis",
-          "probe": "Ordering amp."}
-ORDER = ["none", "random", "scalingvis", "adaptvis", "probe"]
-VALUE_NAME = {"random": "alpha", "probe": "alpha", "scalingvis": "coefficient", "adaptvis": "threshold"}
+          "image_attention_reweighting": "Attention reweighting (not ScalingVis)", "probe": "Ordering amp."}
+ORDER = ["none", "random", "scalingvis", "adaptvis", "image_attention_reweighting", "probe"]
 METRICS = ("accuracy", "corrected", "broken")
+
+
+def setting_text(chosen: dict) -> str:
+    """The setting chosen on val: 'alpha 5', 'coefficient 0.8', 'weight1 0.5, weight2 1.5, threshold 0.4'."""
+    return ", ".join(f"{name} {value:g}" for name, value in chosen.items())
 
 
 def pct(value) -> str:
@@ -44,7 +49,7 @@ def markdown(units: list[tuple[str, str, dict]]) -> str:
     for model, setting, metrics in units:
         for label, m in rows(metrics):
             kind = m["method"].split(".")[0]
-            chosen = f"{VALUE_NAME[kind]} {m['value']:g}" if "value" in m else "–"
+            chosen = setting_text(m["chosen"]) if "chosen" in m else "–"
             corrected = "–" if kind == "none" else pct(m["corrected"])
             broken = "–" if kind == "none" else pct(m["broken"])
             sd = f" ± {m['accuracy_sd']:.2f}" if "accuracy_sd" in m else ""
@@ -72,7 +77,7 @@ def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
                 ax.fill_between(alphas, [c["accuracy"] - c["accuracy_sd"] for c in curve],
                                 [c["accuracy"] + c["accuracy_sd"] for c in curve], color=colors[k % len(colors)],
                                 alpha=0.15, linewidth=0)
-            ax.axvline(metrics["chosen"][method], color=colors[k % len(colors)], linestyle=":", linewidth=1)
+            ax.axvline(metrics["chosen"][method]["alpha"], color=colors[k % len(colors)], linestyle=":", linewidth=1)
         if key == "accuracy":
             for split, style in (("val", "--"), ("test", "-")):
                 ax.axhline(metrics["splits"][split]["none"]["accuracy"], color="grey", linestyle=style,
