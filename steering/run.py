@@ -7,13 +7,14 @@
    experiment=whatsup_probes), or read from `probes_from`.
 2. On the val and test splits (both queried directions of every composite), each batch is encoded and its
    visual embeddings computed once; then the last-position logits are taken for: no intervention; every
-   alpha with the probe directions (per variant); every alpha with random directions of the same norms (per
-   seed); ScalingVis at every coefficient (steering/attention.py: the authors' operation); AdaptVis at every
+   alpha with the probe directions (`directions: probe`, the paper's scale, or `unit`); every alpha with random
+   directions of the same norms (per seed); ScalingVis at every coefficient (steering/attention.py: the authors' operation); AdaptVis at every
    (weight1, weight2, threshold), each example taking the ScalingVis run at its own coefficient
    (`adaptvis_logits`; weights outside the ScalingVis grid get their own run); the image-attention
    reweighting (not ScalingVis) at every coefficient.
 3. Per split and method: accuracy, % of the unmodified run's wrong answers corrected, % of its right answers
-   broken. Each method's setting (alpha; coefficient; weight1, weight2, threshold) is the best on val
+   broken. The unmodified run's accuracy over all composites (train, val and test) is reported too: the
+   paper's "None" row equals its Table 1 What'sUp column. Each method's setting (alpha; coefficient; weight1, weight2, threshold) is the best on val
    (earliest on ties, in grid order); the table reports test at that setting, next to the full curves on both
    splits.
 """
@@ -32,9 +33,17 @@ from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, require_boxes, whatsup_root
 from probing.extract import load_or_extract
 from probing.probes import Probe, fit_item_probe, load_probe
-from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
+from steering.amplify import (
+    DIRECTION_SCALES,
+    amplify,
+    choose,
+    class_directions,
+    outcome_metrics,
+    random_directions,
+    token_classes,
+)
 from steering.attention import adaptvis_confidence, adaptvis_logits, reweighted_logits, scaled_logits
-from vlm.scoring import AnswerScorer
+from vlm.scoring import AnswerScorer, score_samples
 
 EXPERIMENT = "amplification"
 ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
@@ -42,10 +51,13 @@ REWEIGHTING_QUERIES = ("last", "all")   # steering.attention.QUERIES, not import
 DEFINITIONS = {
     "corrected": "fraction of the samples the unmodified run answered wrong that the method answers right",
     "broken": "fraction of the samples the unmodified run answered right that the method answers wrong",
-    "predicted": "each visual token gets alpha times the direction of the class the probe predicts for it",
-    "every_class": "each visual token gets alpha times the sum of every class direction",
+    "probe": "each visual token gets alpha times the direction of the class the probe predicts for it: the "
+             "probe's weight row over the standardisation scale, as it is (directions=probe, the paper's "
+             "equation 3) or of norm 1 (directions=unit)",
     "random": "the same assignment with Gaussian directions rescaled to the probe directions' norms; "
               "metrics averaged over seeds",
+    "none_all_composites": "the unmodified run's accuracy over every composite (train, val, test), both "
+                           "directions: the paper's None row, equal to its Table 1 What'sUp column",
     "scalingvis": "the last query row's pre-softmax scores at image keys times the coefficient, every LM layer "
                   "(Chen et al. 2025, github.com/shiqichen17/AdaptVis)",
     "adaptvis": "ScalingVis with weight1 where the unmodified run's largest vocabulary probability, rounded to 2 "
@@ -80,10 +92,7 @@ def check_inputs(cfg: DictConfig) -> None:
         raise UsageError(f"amplification runs on What'sUp composites: setting=whatsup, got {cfg.setting.name}")
     whatsup_root(cfg.data.whatsup_dir, str(cfg.setting.subset))
     _numbers("alphas", cfg.alphas)
-    if not list(cfg.variants):
-        raise UsageError("variants is empty; allowed: " + ", ".join(VARIANTS))
-    for v in cfg.variants:
-        check_choice("amplification variant", v, VARIANTS)
+    check_choice("directions", cfg.directions, DIRECTION_SCALES)
     if [s for s in cfg.random_seeds if isinstance(s, bool) or not isinstance(s, int)] or not list(cfg.random_seeds):
         raise UsageError(f"random_seeds must be a non-empty list of integers, got {list(cfg.random_seeds or [])}")
     for name in ("scalingvis.coefficients", "adaptvis.weight1", "adaptvis.weight2"):
@@ -114,17 +123,17 @@ def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:
 @torch.no_grad()
 def predictions(vlm, scorer, samples, probe: Probe, directions: dict,
                 cfg: DictConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Predicted candidate index of every sample under every method: none (n,), `probe.<variant>` (A, n),
-    `random.<variant>` (seeds, A, n), and over their grids (`grid_of`) scalingvis, adaptvis and
+    """Predicted candidate index of every sample under every method: none (n,), probe (A, n), random
+    (seeds, A, n), and over their grids (`grid_of`) scalingvis, adaptvis and
     image_attention_reweighting (settings, n); and AdaptVis's rounded confidence of every sample (n,).
 
     `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
-    alphas, variants = [float(a) for a in cfg.alphas], list(cfg.variants)
+    alphas = [float(a) for a in cfg.alphas]
     sv, av, rw = cfg.scalingvis, cfg.adaptvis, cfg.image_attention_reweighting
     coefficients = sorted({*grid_values(cfg.scalingvis.coefficients), *grid_values(av.weight1),
                            *grid_values(av.weight2)})
     out, confidences = {"none": [], **{method: [] for method in ATTENTION_METHODS}}, []
-    out |= {f"probe.{v}": [] for v in variants} | {f"random.{v}": [] for v in variants}
+    out |= {"probe": [], "random": []}
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"amplification {vlm.name}", unit="batch"):
         batch = samples[start:start + cfg.batch_size]
         inputs = vlm.encode([s.image for s in batch], [s.prompt for s in batch])
@@ -136,12 +145,11 @@ def predictions(vlm, scorer, samples, probe: Probe, directions: dict,
 
         base = vlm.last_logits(inputs, visual_tokens=tokens)
         out["none"].append(predict(base))
-        for v in variants:
-            out[f"probe.{v}"].append(np.stack([
-                predict(vlm.last_logits(inputs, amplify(tokens, directions["probe"], a, v, classes))) for a in alphas]))
-            out[f"random.{v}"].append(np.stack([np.stack([
-                predict(vlm.last_logits(inputs, amplify(tokens, d, a, v, classes))) for a in alphas])
-                for d in directions["random"]]))
+        out["probe"].append(np.stack([
+            predict(vlm.last_logits(inputs, amplify(tokens, directions["probe"], a, classes))) for a in alphas]))
+        out["random"].append(np.stack([np.stack([
+            predict(vlm.last_logits(inputs, amplify(tokens, d, a, classes))) for a in alphas])
+            for d in directions["random"]]))
         scaled = {c: scaled_logits(vlm, inputs, c, sv.layers, visual_tokens=tokens) for c in coefficients}
         out["scalingvis"].append(np.stack([predict(scaled[s["coefficient"]]) for s in grid_of(cfg, "scalingvis")]))
         confidence = adaptvis_confidence(base)                             # of the unmodified run
@@ -163,7 +171,7 @@ def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
     for name, values in pred.items():
         if name == "none":
             continue
-        if name.startswith("random."):
+        if name == "random":
             per_seed = [[outcome_metrics(before, row == answer) for row in seed] for seed in values]
             mean = [{**per_seed[0][i], **{key: float(np.mean([s[i][key] for s in per_seed]))
                                           for key in ("accuracy", "corrected", "broken")}}
@@ -202,31 +210,38 @@ def amplification(cfg: DictConfig, get_vlm):
     """The amplification experiment (Table 3): (metrics, arrays) of every method on the val and test splits."""
     check_inputs(cfg)
     setting = Setting.from_config(cfg.setting)
-    split_samples = {name: setting_samples(cfg, name) for name in ("val", "test")}
+    split_samples = {name: setting_samples(cfg, name) for name in ("train", "val", "test")}
     for name, samples in split_samples.items():
-        if not samples:
+        if not samples and name != "train":
             raise UsageError(f"the What'sUp {name} split is empty: raise setting.n_composites or "
                              f"setting.splits.{name}")
     probe, probe_info = get_probe(cfg, setting, get_vlm)
     vlm = get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    probe_dirs = probe.directions(unit=bool(cfg.unit_directions)).astype(np.float32)
+    probe_dirs = class_directions(probe, cfg.directions)
     norms = np.linalg.norm(probe_dirs, axis=-1)
     random_dirs = np.stack([random_directions(norms, probe_dirs.shape[1], seed) for seed in cfg.random_seeds])
     directions = {"probe": torch.from_numpy(probe_dirs), "random": torch.from_numpy(random_dirs)}
-    metrics = {"variants": list(cfg.variants), "alphas": grid_values(cfg.alphas),
+    metrics = {"directions": cfg.directions, "alphas": grid_values(cfg.alphas),
                "grids": {kind: grid_of(cfg, kind) for kind in ("probe", "random", *ATTENTION_METHODS)},
                "random_seeds": list(cfg.random_seeds), "probe": {**probe_info, "direction_norms": norms.tolist()},
                "splits": {}, "definitions": DEFINITIONS}
     arrays = {**probe.to_arrays("horizontal"), "candidates": np.array(scorer.candidates),
               "random_directions": random_dirs, "alphas": np.array(metrics["alphas"])}
-    for name, samples in split_samples.items():
+    correct_none = []          # the unmodified run on every composite: the paper's None row (Table 1's column)
+    if split_samples["train"]:
+        train_probs, _ = score_samples(vlm, scorer, split_samples["train"], cfg.batch_size, desc="none on train")
+        correct_none += list(train_probs.argmax(-1) == [scorer.index(s.answer) for s in split_samples["train"]])
+    for name in ("val", "test"):
+        samples = split_samples[name]
         pred, confidence = predictions(vlm, scorer, samples, probe, directions, cfg)
         answer = np.array([scorer.candidates.index(s.answer) for s in samples])
         metrics["splits"][name] = split_metrics(pred, answer)
         arrays |= {f"{name}.pred.{method}": values for method, values in pred.items()}
         arrays[f"{name}.adaptvis_confidence"] = confidence
         arrays |= {f"{name}.answer": answer, f"{name}.sample_id": np.array([s.id for s in samples])}
+        correct_none += list(pred["none"] == answer)
+    metrics["none_all_composites"] = {"accuracy": float(np.mean(correct_none)), "n": len(correct_none)}
     metrics["chosen"], metrics["table"] = {}, {"none": metrics["splits"]["test"]["none"]}
     for method in metrics["splits"]["val"]:
         if method == "none":
