@@ -5,6 +5,7 @@ batch is patched at site r). Only the last position's logits are computed.
 `naive_sweep` is the reference it must equal: one full forward per site, batch 1.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +13,7 @@ import torch
 from patching.interventions import VISUAL, edit_residual, edit_visual_tokens, read_sites
 from vlm.hooks import Hook, hooks
 from vlm.models import VLM
-from vlm.scoring import AnswerScorer
+from vlm.scoring import AnswerScorer, candidate_probabilities
 
 
 @dataclass
@@ -64,8 +65,15 @@ class PatchingEngine:
         clean_visual = vlm.visual_tokens(clean_in) if clean_visual is None else clean_visual.to(vlm.device)
         cf_visual = vlm.visual_tokens(cf_in) if cf_visual is None else cf_visual.to(vlm.device)
         layers = [site for site in sites if site != VISUAL]
-        with read_sites(vlm, layers) as cf_acts:
-            cf_probs = self.scorer.probabilities(vlm.last_logits(cf_in, visual_tokens=cf_visual)).cpu()
+        cf_acts = {}
+
+        @contextmanager
+        def recording():            # the counterfactual's activations over its prompt (not over answer tokens)
+            with read_sites(vlm, layers) as acts:
+                yield
+            cf_acts.update(acts)
+
+        cf_probs = candidate_probabilities(vlm, self.scorer, cf_in, cf_visual, during=recording)[0].cpu()
         cf_acts[VISUAL] = cf_visual
         dst, src = plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
         results, start = [], 0
@@ -101,9 +109,7 @@ class PatchingEngine:
                 layer_rows.setdefault(int(site), []).append(r)
         installed = [Hook(self.vlm.decoder_layers[layer], _row_patch(r_idx, dst, cf_acts[layer][0, src]))
                      for layer, r_idx in layer_rows.items()]
-        with hooks(*installed):
-            logits = self.vlm.last_logits(batch, visual_tokens=visual)
-        return self.scorer.probabilities(logits).cpu()
+        return candidate_probabilities(self.vlm, self.scorer, batch, visual, during=lambda: hooks(*installed))[0].cpu()
 
 
 def _row_patch(rows: list[int], positions: torch.Tensor, values: torch.Tensor):
@@ -141,6 +147,5 @@ def naive_sweep(vlm: VLM, scorer: AnswerScorer, clean, counterfactual, plan: Pat
                 hidden[:, dst.to(hidden.device)] = source[:, src.to(hidden.device)]
                 return hidden
             context = edit_residual(vlm, int(site), edit)
-        with context:
-            out.append(scorer.probabilities(vlm.last_logits(clean_in)).cpu())
+        out.append(candidate_probabilities(vlm, scorer, clean_in, during=lambda context=context: context)[0].cpu())
     return torch.cat(out)

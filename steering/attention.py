@@ -52,7 +52,7 @@ Where transformers and the authors' LLaMA differ:
 - the authors clamp `scores + mask` at the dtype's minimum before the softmax; with finite scores and
   transformers' finite masks this never changes a probability, so it is not repeated.
 
-AdaptVis (`adaptvis_confidence`, `choose_coefficients`, `adaptvis_coefficients`, `adaptvis_logits`):
+AdaptVis (`adaptvis_confidence`, `choose_coefficients`, `adaptvis_coefficients`, `adaptvis_rows`):
 confidence = the largest softmax probability over the vocabulary at the answer position of the unmodified
 run, rounded to two decimals as numpy rounds; c = weight1 if confidence < threshold else weight2.
 
@@ -274,15 +274,14 @@ def adaptvis_coefficients(vlm: VLM, inputs, threshold: float, weight1: float, we
     return choose_coefficients(adaptvis_confidence(logits), threshold, weight1, weight2)
 
 
-def adaptvis_logits(confidences: torch.Tensor, threshold: float, low_logits: torch.Tensor,
-                    high_logits: torch.Tensor) -> torch.Tensor:
-    """(batch, vocab) AdaptVis logits from the ScalingVis runs at weight1 (`low_logits`) and weight2
-    (`high_logits`): each example takes the row of the run at its own coefficient, weight1 where its confidence
-    < `threshold`. An example's logits depend on its own coefficient only (nothing mixes examples), so this is
-    `scaled_logits` with the per-example coefficients of `choose_coefficients`, without one more forward per
-    (weight1, weight2, threshold) of a grid."""
-    low = (torch.as_tensor(confidences, dtype=torch.float64) < threshold).to(low_logits.device)
-    return torch.where(low[:, None], low_logits, high_logits)
+def adaptvis_rows(confidences: torch.Tensor, threshold: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """AdaptVis outputs (batch, ...: logits or candidate probabilities) from the ScalingVis runs at weight1
+    (`low`) and weight2 (`high`): each example takes the row of the run at its own coefficient, weight1 where its
+    confidence < `threshold`. An example's output depends on its own coefficient only (nothing mixes examples),
+    so this is `scaled_logits` with the per-example coefficients of `choose_coefficients`, without one more
+    forward per (weight1, weight2, threshold) of a grid."""
+    below = (torch.as_tensor(confidences, dtype=torch.float64) < threshold).to(low.device)
+    return torch.where(below.reshape(-1, *[1] * (low.dim() - 1)), low, high)
 
 
 # --- not ScalingVis: post-softmax reweighting of image keys (this repository's earlier operation) -------------

@@ -10,7 +10,7 @@
    alpha with the probe directions (`directions: probe`, the paper's scale, or `unit`); every alpha with random
    directions of the same norms (per seed); ScalingVis at every coefficient (steering/attention.py: the authors' operation); AdaptVis at every
    (weight1, weight2, threshold), each example taking the ScalingVis run at its own coefficient
-   (`adaptvis_logits`; weights outside the ScalingVis grid get their own run); the image-attention
+   (`adaptvis_rows`; weights outside the ScalingVis grid get their own run); the image-attention
    reweighting (not ScalingVis) at every coefficient.
 3. Per split and method: accuracy, % of the unmodified run's wrong answers corrected, % of its right answers
    broken. The unmodified run's accuracy over all composites (train, val and test) is reported too: the
@@ -20,6 +20,7 @@
 """
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -42,8 +43,13 @@ from steering.amplify import (
     random_directions,
     token_classes,
 )
-from steering.attention import adaptvis_confidence, adaptvis_logits, reweighted_logits, scaled_logits
-from vlm.scoring import AnswerScorer, score_samples
+from steering.attention import (
+    adaptvis_confidence,
+    adaptvis_rows,
+    reweight_image_attention,
+    scale_image_attention,
+)
+from vlm.scoring import AnswerScorer, candidate_probabilities, score_samples
 
 EXPERIMENT = "amplification"
 ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
@@ -124,43 +130,53 @@ def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:
 def predictions(vlm, scorer, samples, probe: Probe, directions: dict,
                 cfg: DictConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Predicted candidate index of every sample under every method: none (n,), probe (A, n), random
-    (seeds, A, n), and over their grids (`grid_of`) scalingvis, adaptvis and
-    image_attention_reweighting (settings, n); and AdaptVis's rounded confidence of every sample (n,).
+    (seeds, A, n), and over their grids (`grid_of`) scalingvis, adaptvis and image_attention_reweighting
+    (settings, n); and AdaptVis's rounded confidence of every sample (n,).
 
     `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
-    alphas = [float(a) for a in cfg.alphas]
-    sv, av, rw = cfg.scalingvis, cfg.adaptvis, cfg.image_attention_reweighting
-    coefficients = sorted({*grid_values(cfg.scalingvis.coefficients), *grid_values(av.weight1),
-                           *grid_values(av.weight2)})
-    out, confidences = {"none": [], **{method: [] for method in ATTENTION_METHODS}}, []
-    out |= {"probe": [], "random": []}
+    parts: dict[str, list] = {}
+    confidences = []
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"amplification {vlm.name}", unit="batch"):
         batch = samples[start:start + cfg.batch_size]
-        inputs = vlm.encode([s.image for s in batch], [s.prompt for s in batch])
-        tokens = vlm.visual_tokens(inputs)                                 # once per image, reused below
-        classes = token_classes(probe, tokens)
+        found, confidence = batch_predictions(vlm, scorer, vlm.encode([s.image for s in batch],
+                                                                      [s.prompt for s in batch]), probe, directions, cfg)
+        for name, values in found.items():
+            parts.setdefault(name, []).append(values)
+        confidences.append(confidence)
+    return {name: np.concatenate(values, axis=-1) for name, values in parts.items()}, np.concatenate(confidences)
 
-        def predict(logits):
-            return scorer.probabilities(logits).argmax(-1).cpu().numpy()
 
-        base = vlm.last_logits(inputs, visual_tokens=tokens)
-        out["none"].append(predict(base))
-        out["probe"].append(np.stack([
-            predict(vlm.last_logits(inputs, amplify(tokens, directions["probe"], a, classes))) for a in alphas]))
-        out["random"].append(np.stack([np.stack([
-            predict(vlm.last_logits(inputs, amplify(tokens, d, a, classes))) for a in alphas])
-            for d in directions["random"]]))
-        scaled = {c: scaled_logits(vlm, inputs, c, sv.layers, visual_tokens=tokens) for c in coefficients}
-        out["scalingvis"].append(np.stack([predict(scaled[s["coefficient"]]) for s in grid_of(cfg, "scalingvis")]))
-        confidence = adaptvis_confidence(base)                             # of the unmodified run
-        confidences.append(confidence.numpy())
-        out["adaptvis"].append(np.stack([
-            predict(adaptvis_logits(confidence, s["threshold"], scaled[s["weight1"]], scaled[s["weight2"]]))
-            for s in grid_of(cfg, "adaptvis")]))
-        out["image_attention_reweighting"].append(np.stack([
-            predict(reweighted_logits(vlm, inputs, s["coefficient"], rw.layers, rw.queries, visual_tokens=tokens))
-            for s in grid_of(cfg, "image_attention_reweighting")]))
-    return {name: np.concatenate(parts, axis=-1) for name, parts in out.items()}, np.concatenate(confidences)
+def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, cfg: DictConfig):
+    """`predictions` of one encoded batch: the image's visual embeddings are computed once and reused by every
+    method; each method's forward scores the candidates (vlm.scoring: the first token, or whole answers
+    continued from the prompt's cache, where the intervention is active over the prompt only)."""
+    alphas = [float(a) for a in cfg.alphas]
+    sv, av, rw = cfg.scalingvis, cfg.adaptvis, cfg.image_attention_reweighting
+    tokens = vlm.visual_tokens(inputs)
+    classes = token_classes(probe, tokens)
+
+    def predict(visual, during=nullcontext) -> torch.Tensor:
+        """(batch, candidates) probabilities with these visual embeddings, `during` the prompt's forward."""
+        return candidate_probabilities(vlm, scorer, inputs, visual, during)[0]
+
+    def best(probs) -> np.ndarray:
+        return probs.argmax(-1).cpu().numpy()
+
+    base, base_logits = candidate_probabilities(vlm, scorer, inputs, tokens)
+    out = {"none": best(base),
+           "probe": np.stack([best(predict(amplify(tokens, directions["probe"], a, classes))) for a in alphas]),
+           "random": np.stack([np.stack([best(predict(amplify(tokens, d, a, classes))) for a in alphas])
+                               for d in directions["random"]])}
+    coefficients = sorted({*grid_values(sv.coefficients), *grid_values(av.weight1), *grid_values(av.weight2)})
+    scaled = {c: predict(tokens, lambda c=c: scale_image_attention(vlm, inputs, c, sv.layers)) for c in coefficients}
+    out["scalingvis"] = np.stack([best(scaled[s["coefficient"]]) for s in grid_of(cfg, "scalingvis")])
+    confidence = adaptvis_confidence(base_logits)                          # of the unmodified run
+    out["adaptvis"] = np.stack([best(adaptvis_rows(confidence, s["threshold"], scaled[s["weight1"]],
+                                                   scaled[s["weight2"]])) for s in grid_of(cfg, "adaptvis")])
+    out["image_attention_reweighting"] = np.stack([
+        best(predict(tokens, lambda s=s: reweight_image_attention(vlm, inputs, s["coefficient"], rw.layers, rw.queries)))
+        for s in grid_of(cfg, "image_attention_reweighting")])
+    return out, confidence.numpy()
 
 
 def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:

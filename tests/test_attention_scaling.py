@@ -18,7 +18,7 @@ from steering.attention import (
     PREFIX,
     adaptvis_coefficients,
     adaptvis_confidence,
-    adaptvis_logits,
+    adaptvis_rows,
     choose_coefficients,
     reweighted_logits,
     scale_image_attention,
@@ -366,7 +366,7 @@ def test_adaptvis_end_to_end_on_a_twin(twin):
         alone = scaled_logits(twin, inputs, coefficient, visual_tokens=visual)
         torch.testing.assert_close(adapted[row], alone[row], rtol=0, atol=1e-6)
     # steering.run's shortcut: each example's row from the ScalingVis run at its own coefficient
-    selected = adaptvis_logits(confidence, threshold, scaled_logits(twin, inputs, 0.5, visual_tokens=visual),
+    selected = adaptvis_rows(confidence, threshold, scaled_logits(twin, inputs, 0.5, visual_tokens=visual),
                                scaled_logits(twin, inputs, 1.2, visual_tokens=visual))
     torch.testing.assert_close(selected, adapted, rtol=0, atol=1e-6)
 

@@ -40,6 +40,21 @@ def test_engine_equals_naive_loop(twin):
                                rtol=1e-4, atol=1e-5)
 
 
+def test_engine_equals_naive_loop_when_answers_are_scored_whole(twin):
+    """Candidates that share a first token are scored by whole answers continued from the patched run's cache:
+    the engine's batched rows must still equal one forward per site."""
+    setting = squares(twin)
+    scorer = AnswerScorer(twin.tokenizer, [*setting.candidates, "water bottle", "water"])
+    assert not scorer.exact and scorer.sequences
+    engine = PatchingEngine(twin, scorer, batch_size=3)
+    pair = mirror_pairs(setting, twin.grid, twin.layout, 1, 5)[0]
+    plan, sites = object_plan(twin.grid, pair), site_names(twin, [0, twin.n_layers - 1])
+    run = engine.run_pair(pair.clean, pair.counterfactual, plan, sites)
+    torch.testing.assert_close(run.patched, naive_sweep(twin, scorer, pair.clean, pair.counterfactual, plan, sites),
+                               rtol=1e-4, atol=1e-6)
+    assert bool((run.patched[:, -1] > 0).all())          # the multi-token candidate gets a real probability
+
+
 def test_patching_a_run_with_itself_changes_nothing(twin):
     setting = squares(twin)
     scorer = AnswerScorer(twin.tokenizer, setting.candidates)

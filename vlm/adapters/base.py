@@ -104,6 +104,19 @@ class FamilyAdapter:
             repeated[key] = value.expand(rows, *value.shape[1:])
         return repeated
 
+    def continuation_position_ids(self, model, inputs, length: int) -> torch.Tensor:
+        """Position ids of `length` text tokens appended after each row of `inputs` (batch, length): what a
+        forward over the longer sequence would give them. Here, as the LM's default numbering does, the
+        positions go on from the input's length."""
+        start = inputs["input_ids"].shape[1]
+        positions = torch.arange(start, start + length, device=inputs["input_ids"].device)
+        return positions.expand(inputs["input_ids"].shape[0], length)
+
+    def cache_argument(self, model) -> str:
+        """The forward's keyword for past keys and values: `cache` in newer transformers 5.x, `past_key_values`
+        (deprecated there) in older ones."""
+        return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
     def accepts_encoder_outputs(self, model) -> bool:
         """Whether this transformers' forward takes precomputed visual embeddings (`mm_encoder_outputs`, newer
         5.x releases)."""

@@ -91,6 +91,14 @@ class Qwen2VLAdapter(FamilyAdapter):
         return model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                               image_grid_thw=inputs["image_grid_thw"])
 
+    def continuation_position_ids(self, model, inputs, length):
+        # M-RoPE: (3, batch, length); text after the image goes on from the prompt's last (temporal, height,
+        # width) position, equal in all three
+        positions, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"])
+        return positions[..., -1:] + 1 + torch.arange(length, device=positions.device)
+
     def encoder_outputs(self, tokens):
         # Qwen2-VL's get_image_features gives a tuple of per-image (tokens, hidden) tensors
         return BaseModelOutputWithPooling(pooler_output=tuple(tokens))
