@@ -15,9 +15,9 @@ attending to the clean run's keys and values for the prefix:
 
 Rows of several pairs share each replay pass (as many as fit `batch_size` full-length rows' memory, rows of one
 suffix length), and a row joins the pass's batch at its start layer, so the batch grows with depth. Every batch of
-runs, patched or not, becomes candidate probabilities in one method, `PatchingEngine.candidates`; with a scorer
-that needs whole answers (`needs_continuation`) each run's own keys and values stay reachable there to continue
-the answer's tokens from.
+runs, patched or not, becomes candidate probabilities in one method, `PatchingEngine.candidates`; when answers
+are scored whole (the scorer is not `exact`, vlm/scoring.py) each run's own keys and values are kept and the
+answers' tokens continue from them there.
 
 `naive_sweep` is the reference it must equal: one full forward per site, batch 1 (tests/test_patching.py).
 """
@@ -29,8 +29,8 @@ import torch
 
 from patching.interventions import VISUAL, edit_residual, edit_visual_tokens, read_sites
 from vlm.models import VLM
-from vlm.replay import Record, Row, continue_runs, record, record_kv, replay
-from vlm.scoring import AnswerScorer
+from vlm.replay import Record, Row, record, record_kv, replay
+from vlm.scoring import AnswerScorer, candidate_probabilities, continue_answers
 
 
 @dataclass
@@ -80,11 +80,25 @@ class PairRun:
 @dataclass
 class Runs:
     """A batch of runs where they become candidate probabilities: (rows, vocab) next-token logits at each run's
-    last input position, and `continue_with(tokens)`: (rows, steps) tokens appended to each run, continuing from
-    its own keys and values -> (rows, steps, vocab) logits (None unless the engine keeps caches)."""
+    last input position, each run's input (`records[i]`) and, when the engine keeps caches, `kv(i)`: run i's
+    per-layer (kv_heads, L, head_dim) keys and values, as a full forward of it would leave in its cache."""
 
     logits: torch.Tensor
-    continue_with: Callable[[torch.Tensor], torch.Tensor] | None = None
+    records: list
+    kv: Callable[[int], list] | None = None
+
+    def caches(self, adapter):
+        """(run indices, their inputs, a cache of their keys and values) per recorded input, for continuing the
+        runs with answer tokens."""
+        groups: dict[int, list[int]] = {}
+        for i, rec in enumerate(self.records):
+            groups.setdefault(id(rec), []).append(i)
+        for indices in groups.values():
+            per_run = [self.kv(i) for i in indices]
+            stacked = [(torch.stack([kv[layer][0] for kv in per_run]), torch.stack([kv[layer][1] for kv in per_run]))
+                       for layer in range(len(per_run[0]))]
+            yield indices, adapter.repeat_inputs(self.records[indices[0]].inputs, len(indices)), \
+                adapter.filled_cache(stacked)
 
 
 @dataclass
@@ -106,12 +120,22 @@ class _Job:
 class PatchingEngine:
     def __init__(self, vlm: VLM, scorer: AnswerScorer, batch_size: int = 32):
         self.vlm, self.scorer, self.batch_size = vlm, scorer, batch_size
-        self.keep_cache = bool(getattr(scorer, "needs_continuation", False))
+        self.keep_cache = not scorer.exact      # whole answers continue from each run's own cache
 
     def candidates(self, runs: Runs) -> torch.Tensor:
         """(rows, candidates) probabilities of a batch of runs: the one place where the engine's runs, patched or
-        unpatched, become candidate probabilities."""
-        return self.scorer.probabilities(runs.logits).cpu()
+        unpatched, become candidate probabilities (docs/experiments.md, "Scoring"): the first-token rule from
+        the logits, or whole answers teacher-forced from each run's own keys and values."""
+        scorer = self.scorer
+        if scorer.exact:
+            return scorer.probabilities(runs.logits).cpu()
+        out = torch.zeros(runs.logits.shape[0], len(scorer.candidates))
+        if not scorer.sequences:
+            return scorer.whole_answer_probabilities(runs.logits, torch.zeros(runs.logits.shape[0], 0, 0)).cpu()
+        for indices, inputs, cache in runs.caches(self.vlm.adapter):
+            continued = continue_answers(self.vlm, scorer, inputs, cache)
+            out[indices] = scorer.whole_answer_probabilities(runs.logits[indices], continued).cpu()
+        return out
 
     def run_pair(self, clean, counterfactual, plan: PatchPlan, sites: list,
                  clean_visual: torch.Tensor | None = None, cf_visual: torch.Tensor | None = None) -> PairRun:
@@ -144,10 +168,11 @@ class PatchingEngine:
                 inputs.append(vlm.encode([sample.image], [sample.prompt]))
                 visual.append(None if given is None else given.to(vlm.device))
         missing = [i for i, v in enumerate(visual) if v is None]
-        if missing:
-            images = [(pairs[i // 2].clean if i % 2 == 0 else pairs[i // 2].counterfactual).image for i in missing]
-            embedded = self._oom_retry(lambda: vlm.image_embeddings(images, self.batch_size))
-            for j, i in enumerate(missing):
+        for start in range(0, len(missing), self.batch_size):      # each image through the vision tower once
+            chunk = missing[start:start + self.batch_size]
+            images = vlm.adapter.stack_images([inputs[i] for i in chunk])
+            embedded = vlm.visual_tokens(images)
+            for j, i in enumerate(chunk):
                 visual[i] = embedded[j:j + 1]
         records = self._oom_retry(lambda: record(vlm, inputs, visual, self.batch_size))
         unpatched = self.candidates(self._record_runs(records))
@@ -186,12 +211,8 @@ class PatchingEngine:
                 self.batch_size = max(1, self.batch_size // 2)
 
     def _record_runs(self, records: list[Record]) -> Runs:
-        runs = [(rec, None) for rec in records]
-
-        def continue_with(tokens):
-            return continue_runs(self.vlm, [(rec, record_kv(rec)) for rec, _ in runs], tokens)
-
-        return Runs(torch.stack([rec.logits for rec in records]), continue_with if self.keep_cache else None)
+        return Runs(torch.stack([rec.logits for rec in records]), records,
+                    (lambda i: record_kv(records[i])) if self.keep_cache else None)
 
     # --- replay passes ---------------------------------------------------------------------------------
     def _row_cost(self, suffix: int, prefix: int) -> int:
@@ -234,11 +255,7 @@ class PatchingEngine:
                 job.src.to(hidden.device)].to(hidden.dtype)
             rows.append(Row(job.clean, job.start, prefix, hidden))
         replayed = replay(self.vlm, rows, keep_cache=self.keep_cache)
-
-        def continue_with(tokens):
-            return continue_runs(self.vlm, [(row.record, replayed.kv(i)) for i, row in enumerate(rows)], tokens)
-
-        return Runs(replayed.logits, continue_with if self.keep_cache else None)
+        return Runs(replayed.logits, [row.record for row in rows], replayed.kv if self.keep_cache else None)
 
 
 @torch.no_grad()
@@ -252,8 +269,8 @@ def naive_sweep(vlm: VLM, scorer: AnswerScorer, clean, counterfactual, plan: Pat
         vlm.last_logits(cf_in)
     out = []
     for site in sites:
-        with naive_patch(vlm, plan, site, cf_acts[site], dst, src):
-            out.append(scorer.probabilities(vlm.last_logits(clean_in)).cpu())
+        out.append(candidate_probabilities(
+            vlm, scorer, clean_in, during=lambda site=site: naive_patch(vlm, plan, site, cf_acts[site], dst, src))[0].cpu())
     return torch.cat(out)
 
 

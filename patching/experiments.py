@@ -24,7 +24,7 @@ from patching.ablation import Ablator
 from patching.engine import PairInput, PatchingEngine, PatchPlan
 from patching.interventions import VISUAL
 from vlm.models import VLM
-from vlm.scoring import AnswerScorer
+from vlm.scoring import AnswerScorer, candidate_probabilities
 
 REGIONS = ("items", "strips")
 PATCH_POSITIONS = ("last_token", "prompt_end")   # the final input token (default), or the prompt's last word
@@ -150,9 +150,9 @@ def ablation(cfg: DictConfig, get_vlm):
         batch = samples[start:start + cfg.batch_size]
         inputs = vlm.encode([s.image for s in batch], [s.prompt for s in batch])
         for name, visual in (("original", None), ("ablated", ablator.ablated_batch(batch))):
-            logits = vlm.last_logits(inputs, visual_tokens=visual)
-            probs[name].append(scorer.probabilities(logits).cpu())
-            greedy[name] += scorer.greedy_candidate(logits)
+            scores, logits = candidate_probabilities(vlm, scorer, inputs, visual)
+            probs[name].append(scores.cpu())
+            greedy[name] += scorer.greedy_candidate(logits, scores)
     probs = {k: torch.cat(v).numpy() for k, v in probs.items()}
     metrics = {name: accuracy_metrics(samples, probs[name], scorer.candidates, greedy[name]) for name in probs}
     arrays = {f"probs_{k}": v.astype(np.float32) for k, v in probs.items()}

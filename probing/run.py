@@ -26,7 +26,7 @@ from common.geometry import ORIENTATIONS, Grid, Layout
 from common.results import fmt_metric
 from data_gen.samples import setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import load_splits, whatsup_root
+from data_gen.whatsup import load_splits, require_boxes, whatsup_root
 from probing.extract import (
     Embeddings,
     check_arrangement,
@@ -88,6 +88,7 @@ def check_inputs(cfg: DictConfig, setting: Setting, specs: list[ProbeSpec]) -> N
             raise UsageError(f"setting {setting.name!r} has horizontal composites only: use experiment=whatsup_probes "
                              f"(orientations=[horizontal]), got {[s.name for s in specs]}")
         whatsup_root(cfg.data.whatsup_dir, str(cfg.setting.subset))
+        require_boxes(cfg, f"experiment={cfg.experiment.name}")
     elif cfg.experiment.name == "whatsup_probes":
         raise UsageError(f"whatsup_probes needs setting=whatsup, got setting={setting.name}")
     for key in ("n_train", "n_test"):

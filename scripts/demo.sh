@@ -16,10 +16,13 @@ figure table2_ablation n=96
 figure fig08_ablated_patching n_pairs=24
 figure fig04_probes embeddings_dir=demo/embeddings
 figure fig31_grid_probes embeddings_dir=demo/embeddings
-# What'sUp is not shipped: the demo makes stand-in photographs in its layout (data_gen/whatsup.py)
-[ -d demo/whatsup_stand_in ] || "$PY" -m data_gen.whatsup stand_in demo/whatsup_stand_in
-whatsup=(data.whatsup_dir=demo/whatsup_stand_in embeddings_dir=demo/embeddings)
-figure table1_accuracy setting=whatsup data.whatsup_dir=demo/whatsup_stand_in
+# What'sUp is not shipped: the demo makes stand-in photographs in its layout (data_gen/whatsup/) with their
+# known boxes (boxes.json: stand-in ground truth, not a detector's; real photos get theirs from
+# `python -m data_gen.whatsup boxes data.whatsup_dir=DIR`). The probes and Table 3 train on the boxes' tokens.
+stand_in=demo/whatsup_stand_in
+[ -f "$stand_in/boxes.json" ] || { rm -rf "$stand_in"; "$PY" -m data_gen.whatsup stand_in "data.whatsup_dir=$stand_in"; }
+whatsup=("data.whatsup_dir=$stand_in" "data.whatsup_boxes=$stand_in/boxes.json" embeddings_dir=demo/embeddings)
+figure table1_accuracy setting=whatsup "data.whatsup_dir=$stand_in"     # accuracy needs no boxes
 figure fig33_whatsup_probes "${whatsup[@]}"
 figure table3_amplification "${whatsup[@]}" 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
   'adaptvis.thresholds=[0.5]'

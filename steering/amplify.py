@@ -1,12 +1,14 @@
 """Amplifying the ordering directions of a position probe in the visual embeddings (paper section 5.4,
-equation 3, Table 3): emb_t <- emb_t + alpha * direction, at every visual token t.
+equation 3, Table 3): emb_t <- emb_t + alpha * probe_i, at every visual token t.
 
-Which direction a token gets (the paper leaves it open, so both are here; docs/experiments.md, "amplification"):
-- `predicted` (default): the unit direction of the class the probe predicts for that token (before the
-  change), so each token is pushed further towards the position it already encodes;
-- `every_class`: the sum of every class direction, the same vector at every token.
-A baseline replaces the probe's directions by random ones of the same norms (`random_directions`), assigned
-to tokens the same way.
+probe_i is the probe's own weight row for class i expressed in the visual-embedding space: with a
+standardising probe, logit_i = ((x - mean) / scale) @ w_i + b_i, so the row is w_i / scale (the gradient of
+logit_i with respect to x), added as it is, so that alpha has the paper's scale (`directions: probe`). The
+unit-norm variant (`directions: unit`, an option of ours, not the paper's) adds alpha times w_i / |w_i| instead.
+Which class a token gets is open in the paper: here, the class the probe predicts for that token (before the
+change), so each token is pushed further towards the position it already encodes (docs/experiments.md,
+"amplification"). A baseline replaces the probe's directions by random ones of the same norms
+(`random_directions`), assigned to tokens the same way.
 """
 
 import math
@@ -16,7 +18,14 @@ import torch
 
 from common.errors import check_choice
 
-VARIANTS = ("predicted", "every_class")
+DIRECTION_SCALES = ("probe", "unit")
+
+
+def class_directions(probe, scale: str = "probe") -> np.ndarray:
+    """(k, hidden) float32 class directions of `probe` in the embedding space: its rows w_i / scale as they are
+    (`probe`, the paper's equation 3), or each normalised to norm 1 (`unit`)."""
+    check_choice("amplification directions", scale, DIRECTION_SCALES)
+    return probe.directions(unit=scale == "unit").astype(np.float32)
 
 
 def token_classes(probe, tokens: torch.Tensor) -> torch.Tensor:
@@ -26,20 +35,12 @@ def token_classes(probe, tokens: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(logits.argmax(-1))
 
 
-def amplify(tokens: torch.Tensor, directions: torch.Tensor, alpha: float, variant: str = "predicted",
-            classes: torch.Tensor | None = None) -> torch.Tensor:
-    """`tokens` (batch, n_tokens, hidden) with alpha times a direction added to every token, in float32.
-
-    directions (k, hidden), one per probe class; `classes` (batch, n_tokens) indices into them, needed by
-    the `predicted` variant (see module docstring). alpha = 0 returns the tokens unchanged."""
-    check_choice("amplification variant", variant, VARIANTS)
+def amplify(tokens: torch.Tensor, directions: torch.Tensor, alpha: float, classes: torch.Tensor) -> torch.Tensor:
+    """`tokens` (batch, n_tokens, hidden) with alpha * directions[classes[b, t]] added to token t of example b, in
+    float32. directions (k, hidden), one per probe class; classes (batch, n_tokens) indices into them. alpha = 0
+    returns the tokens unchanged."""
     tokens = tokens.float()
-    directions = directions.to(tokens.device, torch.float32)
-    if variant == "every_class":
-        return tokens + alpha * directions.sum(0)
-    if classes is None:
-        raise ValueError("the predicted variant needs each token's class")
-    return tokens + alpha * directions[classes.to(tokens.device)]
+    return tokens + alpha * directions.to(tokens.device, torch.float32)[classes.to(tokens.device)]
 
 
 def random_directions(norms: np.ndarray, hidden: int, seed: int) -> np.ndarray:

@@ -7,44 +7,78 @@
    experiment=whatsup_probes), or read from `probes_from`.
 2. On the val and test splits (both queried directions of every composite), each batch is encoded and its
    visual embeddings computed once; then the last-position logits are taken for: no intervention; every
-   alpha with the probe directions (per variant); every alpha with random directions of the same norms (per
-   seed); ScalingVis at every coefficient; AdaptVis at every threshold.
+   alpha with the probe directions (`directions: probe`, the paper's scale, or `unit`); every alpha with random
+   directions of the same norms (per seed); ScalingVis at every coefficient (steering/attention.py: the authors' operation); AdaptVis at every
+   (weight1, weight2, threshold), each example taking the ScalingVis run at its own coefficient
+   (`adaptvis_rows`; weights outside the ScalingVis grid get their own run); the image-attention
+   reweighting (not ScalingVis) at every coefficient.
 3. Per split and method: accuracy, % of the unmodified run's wrong answers corrected, % of its right answers
-   broken. Each method's alpha / coefficient / threshold is the best on val (earliest on ties); the table
-   reports test at that value, next to the full curves on both splits.
+   broken. The unmodified run's accuracy over all composites (train, val and test) is reported too: the
+   paper's "None" row equals its Table 1 What'sUp column. Each method's setting (alpha; coefficient; weight1, weight2, threshold) is the best on val
+   (earliest on ties, in grid order); the table reports test at that setting, next to the full curves on both
+   splits.
 """
 
 import math
+from contextlib import nullcontext
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from common.errors import UsageError, check_choice
 from common.results import fmt_metric
 from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import load_splits, whatsup_root
+from data_gen.whatsup import load_splits, require_boxes, whatsup_root
 from probing.extract import load_or_extract
 from probing.probes import Probe, fit_item_probe, load_probe
-from steering.amplify import VARIANTS, amplify, choose, outcome_metrics, random_directions, token_classes
-from steering.attention import adaptvis_coefficients, scaled_logits
-from vlm.scoring import AnswerScorer
+from steering.amplify import (
+    DIRECTION_SCALES,
+    amplify,
+    choose,
+    class_directions,
+    outcome_metrics,
+    random_directions,
+    token_classes,
+)
+from steering.attention import (
+    adaptvis_confidence,
+    adaptvis_rows,
+    reweight_image_attention,
+    scale_image_attention,
+)
+from vlm.scoring import AnswerScorer, candidate_probabilities, score_samples
 
 EXPERIMENT = "amplification"
-CONFIDENCES = ("vocab", "candidates")
+ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
+REWEIGHTING_QUERIES = ("last", "all")   # steering.attention.QUERIES, not imported here: it loads transformers
 DEFINITIONS = {
     "corrected": "fraction of the samples the unmodified run answered wrong that the method answers right",
     "broken": "fraction of the samples the unmodified run answered right that the method answers wrong",
-    "predicted": "each visual token gets alpha times the direction of the class the probe predicts for it",
-    "every_class": "each visual token gets alpha times the sum of every class direction",
+    "probe": "each visual token gets alpha times the direction of the class the probe predicts for it: the "
+             "probe's weight row over the standardisation scale, as it is (directions=probe, the paper's "
+             "equation 3) or of norm 1 (directions=unit)",
     "random": "the same assignment with Gaussian directions rescaled to the probe directions' norms; "
               "metrics averaged over seeds",
-    "chosen": "each method's alpha, coefficient or threshold with the best val accuracy (earliest on ties); "
-              "table = test metrics at that value",
+    "none_all_composites": "the unmodified run's accuracy over every composite (train, val, test), both "
+                           "directions: the paper's None row, equal to its Table 1 What'sUp column",
+    "scalingvis": "the last query row's pre-softmax scores at image keys times the coefficient, every LM layer "
+                  "(Chen et al. 2025, github.com/shiqichen17/AdaptVis)",
+    "adaptvis": "ScalingVis with weight1 where the unmodified run's largest vocabulary probability, rounded to 2 "
+                "decimals, is < threshold, else weight2",
+    "image_attention_reweighting": "not ScalingVis: post-softmax image-key attention weights times the "
+                                   "coefficient, rows renormalised",
+    "chosen": "each method's setting (alpha; coefficient; weight1, weight2, threshold) with the best val accuracy "
+              "(earliest on ties, in grid order); table = test metrics at that setting",
 }
 
+
+
+def _listed(values):
+    """A config value that may be one number or a list of them, as a list."""
+    return [values] if isinstance(values, (int, float)) and not isinstance(values, bool) else values
 
 
 def _numbers(name: str, values, positive: bool = False) -> list[float]:
@@ -64,18 +98,21 @@ def check_inputs(cfg: DictConfig) -> None:
         raise UsageError(f"amplification runs on What'sUp composites: setting=whatsup, got {cfg.setting.name}")
     whatsup_root(cfg.data.whatsup_dir, str(cfg.setting.subset))
     _numbers("alphas", cfg.alphas)
-    if not list(cfg.variants):
-        raise UsageError("variants is empty; allowed: " + ", ".join(VARIANTS))
-    for v in cfg.variants:
-        check_choice("amplification variant", v, VARIANTS)
+    check_choice("directions", cfg.directions, DIRECTION_SCALES)
     if [s for s in cfg.random_seeds if isinstance(s, bool) or not isinstance(s, int)] or not list(cfg.random_seeds):
         raise UsageError(f"random_seeds must be a non-empty list of integers, got {list(cfg.random_seeds or [])}")
-    _numbers("scalingvis.coefficients", cfg.scalingvis.coefficients, positive=True)
-    _numbers("adaptvis.thresholds", cfg.adaptvis.thresholds)
-    _numbers("adaptvis weights", [cfg.adaptvis.weight1, cfg.adaptvis.weight2], positive=True)
-    check_choice("adaptvis.confidence", cfg.adaptvis.confidence, CONFIDENCES)
+    for name in ("scalingvis.coefficients", "adaptvis.weight1", "adaptvis.weight2"):
+        if [v for v in _numbers(name, _listed(OmegaConf.select(cfg, name))) if v < 0]:
+            raise UsageError(f"{name} holds a negative coefficient; expected numbers >= 0")
+    _numbers("adaptvis.thresholds", _listed(cfg.adaptvis.thresholds))
+    _numbers("image_attention_reweighting.coefficients", _listed(cfg.image_attention_reweighting.coefficients),
+             positive=True)
+    check_choice("image_attention_reweighting.queries", cfg.image_attention_reweighting.queries,
+                 REWEIGHTING_QUERIES)
     if not float(cfg.probe.C) > 0:
         raise UsageError(f"probe.C={cfg.probe.C} must be positive")
+    if cfg.probes_from in (None, ""):    # the probe is fit here, on the train split's item tokens
+        require_boxes(cfg, "amplification (probes_from=null)")
 
 
 def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:
@@ -90,42 +127,56 @@ def get_probe(cfg: DictConfig, setting: Setting, get_vlm) -> tuple[Probe, dict]:
 
 
 @torch.no_grad()
-def predictions(vlm, scorer, samples, probe: Probe, directions: dict, cfg: DictConfig) -> dict[str, np.ndarray]:
-    """Predicted candidate index of every sample under every method: none (n,), `probe.<variant>` (A, n),
-    `random.<variant>` (seeds, A, n), scalingvis (coefficients, n), adaptvis (thresholds, n).
+def predictions(vlm, scorer, samples, probe: Probe, directions: dict,
+                cfg: DictConfig) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Predicted candidate index of every sample under every method: none (n,), probe (A, n), random
+    (seeds, A, n), and over their grids (`grid_of`) scalingvis, adaptvis and image_attention_reweighting
+    (settings, n); and AdaptVis's rounded confidence of every sample (n,).
 
     `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
-    alphas, variants = [float(a) for a in cfg.alphas], list(cfg.variants)
-    out = {"none": [], "scalingvis": [], "adaptvis": []}
-    out |= {f"probe.{v}": [] for v in variants} | {f"random.{v}": [] for v in variants}
+    parts: dict[str, list] = {}
+    confidences = []
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc=f"amplification {vlm.name}", unit="batch"):
         batch = samples[start:start + cfg.batch_size]
-        inputs = vlm.encode([s.image for s in batch], [s.prompt for s in batch])
-        tokens = vlm.visual_tokens(inputs)                                 # once per image, reused below
-        classes = token_classes(probe, tokens)
+        found, confidence = batch_predictions(vlm, scorer, vlm.encode([s.image for s in batch],
+                                                                      [s.prompt for s in batch]), probe, directions, cfg)
+        for name, values in found.items():
+            parts.setdefault(name, []).append(values)
+        confidences.append(confidence)
+    return {name: np.concatenate(values, axis=-1) for name, values in parts.items()}, np.concatenate(confidences)
 
-        def predict(logits):
-            return scorer.probabilities(logits).argmax(-1).cpu().numpy()
 
-        base = vlm.last_logits(inputs, visual_tokens=tokens)
-        out["none"].append(predict(base))
-        for v in variants:
-            out[f"probe.{v}"].append(np.stack([
-                predict(vlm.last_logits(inputs, amplify(tokens, directions["probe"], a, v, classes))) for a in alphas]))
-            out[f"random.{v}"].append(np.stack([np.stack([
-                predict(vlm.last_logits(inputs, amplify(tokens, d, a, v, classes))) for a in alphas])
-                for d in directions["random"]]))
-        sv = cfg.scalingvis
-        out["scalingvis"].append(np.stack([
-            predict(scaled_logits(vlm, inputs, c, sv.layers, sv.queries, visual_tokens=tokens))
-            for c in sv.coefficients]))
-        av = cfg.adaptvis
-        judge = scorer if av.confidence == "candidates" else None
-        out["adaptvis"].append(np.stack([
-            predict(scaled_logits(vlm, inputs, adaptvis_coefficients(vlm, inputs, t, av.weight1, av.weight2, judge, base),
-                                  sv.layers, sv.queries, visual_tokens=tokens))
-            for t in av.thresholds]))
-    return {name: np.concatenate(parts, axis=-1) for name, parts in out.items()}
+def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, cfg: DictConfig):
+    """`predictions` of one encoded batch: the image's visual embeddings are computed once and reused by every
+    method; each method's forward scores the candidates (vlm.scoring: the first token, or whole answers
+    continued from the prompt's cache, where the intervention is active over the prompt only)."""
+    alphas = [float(a) for a in cfg.alphas]
+    sv, av, rw = cfg.scalingvis, cfg.adaptvis, cfg.image_attention_reweighting
+    tokens = vlm.visual_tokens(inputs)
+    classes = token_classes(probe, tokens)
+
+    def predict(visual, during=nullcontext) -> torch.Tensor:
+        """(batch, candidates) probabilities with these visual embeddings, `during` the prompt's forward."""
+        return candidate_probabilities(vlm, scorer, inputs, visual, during)[0]
+
+    def best(probs) -> np.ndarray:
+        return probs.argmax(-1).cpu().numpy()
+
+    base, base_logits = candidate_probabilities(vlm, scorer, inputs, tokens)
+    out = {"none": best(base),
+           "probe": np.stack([best(predict(amplify(tokens, directions["probe"], a, classes))) for a in alphas]),
+           "random": np.stack([np.stack([best(predict(amplify(tokens, d, a, classes))) for a in alphas])
+                               for d in directions["random"]])}
+    coefficients = sorted({*grid_values(sv.coefficients), *grid_values(av.weight1), *grid_values(av.weight2)})
+    scaled = {c: predict(tokens, lambda c=c: scale_image_attention(vlm, inputs, c, sv.layers)) for c in coefficients}
+    out["scalingvis"] = np.stack([best(scaled[s["coefficient"]]) for s in grid_of(cfg, "scalingvis")])
+    confidence = adaptvis_confidence(base_logits)                          # of the unmodified run
+    out["adaptvis"] = np.stack([best(adaptvis_rows(confidence, s["threshold"], scaled[s["weight1"]],
+                                                   scaled[s["weight2"]])) for s in grid_of(cfg, "adaptvis")])
+    out["image_attention_reweighting"] = np.stack([
+        best(predict(tokens, lambda s=s: reweight_image_attention(vlm, inputs, s["coefficient"], rw.layers, rw.queries)))
+        for s in grid_of(cfg, "image_attention_reweighting")])
+    return out, confidence.numpy()
 
 
 def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
@@ -136,7 +187,7 @@ def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
     for name, values in pred.items():
         if name == "none":
             continue
-        if name.startswith("random."):
+        if name == "random":
             per_seed = [[outcome_metrics(before, row == answer) for row in seed] for seed in values]
             mean = [{**per_seed[0][i], **{key: float(np.mean([s[i][key] for s in per_seed]))
                                           for key in ("accuracy", "corrected", "broken")}}
@@ -149,52 +200,74 @@ def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
     return metrics
 
 
-def grid_of(cfg: DictConfig, method: str) -> list[float]:
-    if method == "scalingvis":
-        return [float(c) for c in cfg.scalingvis.coefficients]
+def grid_values(values) -> list[float]:
+    return [float(v) for v in _listed(values)]
+
+
+def grid_of(cfg: DictConfig, method: str) -> list[dict[str, float]]:
+    """A method's settings, in the order its predictions are stacked and ties are broken: {"alpha": a} for
+    probe / random, {"coefficient": c} for scalingvis and image_attention_reweighting, {"weight1", "weight2",
+    "threshold"} for adaptvis (weight1 outermost, threshold innermost)."""
+    if method in ("scalingvis", "image_attention_reweighting"):
+        return [{"coefficient": c} for c in grid_values(cfg[method].coefficients)]
     if method == "adaptvis":
-        return [float(t) for t in cfg.adaptvis.thresholds]
-    return [float(a) for a in cfg.alphas]
+        av = cfg.adaptvis
+        return [{"weight1": w1, "weight2": w2, "threshold": t} for w1 in grid_values(av.weight1)
+                for w2 in grid_values(av.weight2) for t in grid_values(av.thresholds)]
+    return [{"alpha": a} for a in grid_values(cfg.alphas)]
+
+
+def setting_text(setting: dict[str, float]) -> str:
+    """'alpha 5', 'coefficient 0.8', 'weight1 0.5, weight2 1.5, threshold 0.4'."""
+    return ", ".join(f"{name} {value:g}" for name, value in setting.items())
 
 
 def amplification(cfg: DictConfig, get_vlm):
     """The amplification experiment (Table 3): (metrics, arrays) of every method on the val and test splits."""
     check_inputs(cfg)
     setting = Setting.from_config(cfg.setting)
-    split_samples = {name: setting_samples(cfg, name) for name in ("val", "test")}
+    split_samples = {name: setting_samples(cfg, name) for name in ("train", "val", "test")}
     for name, samples in split_samples.items():
-        if not samples:
+        if not samples and name != "train":
             raise UsageError(f"the What'sUp {name} split is empty: raise setting.n_composites or "
                              f"setting.splits.{name}")
     probe, probe_info = get_probe(cfg, setting, get_vlm)
     vlm = get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    probe_dirs = probe.directions(unit=bool(cfg.unit_directions)).astype(np.float32)
+    probe_dirs = class_directions(probe, cfg.directions)
     norms = np.linalg.norm(probe_dirs, axis=-1)
     random_dirs = np.stack([random_directions(norms, probe_dirs.shape[1], seed) for seed in cfg.random_seeds])
     directions = {"probe": torch.from_numpy(probe_dirs), "random": torch.from_numpy(random_dirs)}
-    metrics = {"variants": list(cfg.variants), "alphas": grid_of(cfg, "probe"),
-               "scalingvis_coefficients": grid_of(cfg, "scalingvis"), "adaptvis_thresholds": grid_of(cfg, "adaptvis"),
+    metrics = {"directions": cfg.directions, "alphas": grid_values(cfg.alphas),
+               "grids": {kind: grid_of(cfg, kind) for kind in ("probe", "random", *ATTENTION_METHODS)},
                "random_seeds": list(cfg.random_seeds), "probe": {**probe_info, "direction_norms": norms.tolist()},
                "splits": {}, "definitions": DEFINITIONS}
     arrays = {**probe.to_arrays("horizontal"), "candidates": np.array(scorer.candidates),
               "random_directions": random_dirs, "alphas": np.array(metrics["alphas"])}
-    for name, samples in split_samples.items():
-        pred = predictions(vlm, scorer, samples, probe, directions, cfg)
+    correct_none = []          # the unmodified run on every composite: the paper's None row (Table 1's column)
+    if split_samples["train"]:
+        train_probs, _ = score_samples(vlm, scorer, split_samples["train"], cfg.batch_size, desc="none on train")
+        correct_none += list(train_probs.argmax(-1) == [scorer.index(s.answer) for s in split_samples["train"]])
+    for name in ("val", "test"):
+        samples = split_samples[name]
+        pred, confidence = predictions(vlm, scorer, samples, probe, directions, cfg)
         answer = np.array([scorer.candidates.index(s.answer) for s in samples])
         metrics["splits"][name] = split_metrics(pred, answer)
         arrays |= {f"{name}.pred.{method}": values for method, values in pred.items()}
+        arrays[f"{name}.adaptvis_confidence"] = confidence
         arrays |= {f"{name}.answer": answer, f"{name}.sample_id": np.array([s.id for s in samples])}
+        correct_none += list(pred["none"] == answer)
+    metrics["none_all_composites"] = {"accuracy": float(np.mean(correct_none)), "n": len(correct_none)}
     metrics["chosen"], metrics["table"] = {}, {"none": metrics["splits"]["test"]["none"]}
     for method in metrics["splits"]["val"]:
         if method == "none":
             continue
         k = choose([m["accuracy"] for m in metrics["splits"]["val"][method]["curve"]])
-        grid = grid_of(cfg, method.split(".")[0])
-        metrics["chosen"][method] = grid[k]
-        metrics["table"][method] = {"value": grid[k], **metrics["splits"]["test"][method]["curve"][k]}
+        chosen = metrics["grids"][method.split(".")[0]][k]
+        metrics["chosen"][method] = chosen
+        metrics["table"][method] = {"chosen": chosen, **metrics["splits"]["test"][method]["curve"][k]}
     for method, m in metrics["table"].items():
-        value = f" at {m['value']:g}" if "value" in m else ""
+        value = f" at {setting_text(m['chosen'])}" if "chosen" in m else ""
         print(f"{EXPERIMENT} {vlm.name} test {method}{value}: accuracy {m['accuracy']:.3f}, corrected "
               f"{fmt_metric(m['corrected'])}, broken {fmt_metric(m['broken'])}")
     return metrics, arrays

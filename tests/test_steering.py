@@ -10,16 +10,26 @@ import numpy as np
 import pytest
 import torch
 
+from common.errors import UsageError
 from common.results import load_unit, unit_dir
 from data_gen.samples import setting_samples
 from data_gen.whatsup import load_splits, write_stand_in
 from probing.probes import fit_probe
 from runner import run_unit
-from steering.amplify import amplify, choose, outcome_metrics, random_directions, token_classes
+from steering.amplify import (
+    amplify,
+    choose,
+    class_directions,
+    outcome_metrics,
+    random_directions,
+    token_classes,
+)
+from steering.run import check_inputs
 from tests.conftest import make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
-SMALL = ("alphas=[0,1,2]", "random_seeds=[0,1]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
+SMALL = ("alphas=[0,1,2]", "random_seeds=[0,1]", "scalingvis.coefficients=[0,2.0]", "adaptvis.weight1=[0.5]",
+         "adaptvis.weight2=[1.5,2.0]", "adaptvis.thresholds=[0.5,1.0]", "image_attention_reweighting.coefficients=[2.0]",
          "batch_size=8")
 
 
@@ -42,22 +52,43 @@ def test_adding_a_class_direction_moves_the_probe_to_that_class():
     x = torch.from_numpy(rng.normal(size=(1, 30, 16)).astype(np.float32))
     directions = torch.from_numpy(probe.directions().astype(np.float32))
     for c in range(3):
-        pushed = amplify(x, directions[[c, c, c]], 50.0, "predicted", token_classes(probe, x))
+        pushed = amplify(x, directions[[c, c, c]], 50.0, token_classes(probe, x))
         assert (probe.predict(pushed.numpy()) == c).all()
         # a small alpha moves the probability of class c up at every token
         before, after = (probe.probabilities(t.numpy())[..., c]
-                         for t in (x, amplify(x, directions[[c, c, c]], 0.5, "predicted", token_classes(probe, x))))
+                         for t in (x, amplify(x, directions[[c, c, c]], 0.5, token_classes(probe, x))))
         assert (after > before).all()
 
 
-def test_predicted_variant_adds_each_tokens_own_class_direction_every_class_adds_the_sum():
+def test_each_token_gets_its_own_classs_direction_times_alpha():
     tokens = torch.zeros(1, 3, 2)
     directions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
     classes = torch.tensor([[2, 0, 1]])
-    torch.testing.assert_close(amplify(tokens, directions, 2.0, "predicted", classes)[0],
+    torch.testing.assert_close(amplify(tokens, directions, 2.0, classes)[0],
                                torch.tensor([[-2.0, -2.0], [2.0, 0.0], [0.0, 2.0]]))
-    torch.testing.assert_close(amplify(tokens, directions, 2.0, "every_class")[0], torch.zeros(3, 2))
-    torch.testing.assert_close(amplify(tokens + 1, directions, 0.0, "predicted", classes), tokens + 1)
+    torch.testing.assert_close(amplify(tokens + 1, directions, 0.0, classes), tokens + 1)
+
+
+def test_directions_are_the_probes_rows_in_embedding_space_or_unit():
+    """Equation 3's probe_i is the probe's weight row for class i over the standardisation scale, as it is: the
+    added vector is alpha times that recorded row; the unit option has norm alpha."""
+    probe, rng = planted_probe()
+    rows = class_directions(probe, "probe")
+    np.testing.assert_allclose(rows, probe.weight / probe.scale, rtol=1e-6)
+    x = rng.normal(size=(1, 5, 16)).astype(np.float32)
+    logits = probe.logits(x)
+    for c in range(3):       # the row is the gradient of class c's logit: a step along it moves that logit by |row|^2
+        stepped = probe.logits(x + 1e-3 * rows[c])
+        np.testing.assert_allclose(stepped[..., c] - logits[..., c], 1e-3 * (rows[c] ** 2).sum(), rtol=1e-3)
+    classes = token_classes(probe, torch.from_numpy(x))
+    tokens = torch.from_numpy(x)
+    added = amplify(tokens, torch.from_numpy(rows), 3.0, classes) - tokens
+    torch.testing.assert_close(added[0], 3.0 * torch.from_numpy(rows)[classes[0]], rtol=1e-5, atol=1e-6)
+    unit = class_directions(probe, "unit")
+    added = amplify(tokens, torch.from_numpy(unit), 3.0, classes) - tokens
+    torch.testing.assert_close(added.norm(dim=-1), torch.full((1, 5), 3.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match="sideways"):
+        class_directions(probe, "sideways")
 
 
 def test_random_directions_have_the_probe_directions_norms_and_depend_on_the_seed():
@@ -89,10 +120,10 @@ def test_alpha_zero_leaves_logits_unchanged(twin, stand_in):
     probe, _ = planted_probe(hidden=tokens.shape[-1])
     directions = torch.from_numpy(probe.directions().astype(np.float32))
     plain = twin.last_logits(inputs)
-    for variant in ("predicted", "every_class"):
-        zero = twin.last_logits(inputs, amplify(tokens, directions, 0.0, variant, token_classes(probe, tokens)))
-        torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-5)
-    moved = twin.last_logits(inputs, amplify(tokens, directions, 50.0, "every_class"))
+    classes = token_classes(probe, tokens)
+    zero = twin.last_logits(inputs, amplify(tokens, directions, 0.0, classes))
+    torch.testing.assert_close(zero, plain, rtol=1e-5, atol=1e-5)
+    moved = twin.last_logits(inputs, amplify(tokens, directions, 50.0, classes))
     assert not torch.allclose(moved, plain)
 
 
@@ -108,25 +139,46 @@ def test_whatsup_samples_are_both_directions_of_one_split(stand_in):
 
 def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
-                   f"results_dir={tmp_path / 'results'}", "variants=[predicted,every_class]", *SMALL)
+                   f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path / 'results'}", *SMALL)
     run_unit(cfg)
     record, arrays = load_unit(unit_dir(cfg))
     metrics = record["metrics"]
     n_val, n_test = (2 * len(load_splits(cfg)[s]) for s in ("val", "test"))
-    assert arrays["test.pred.probe.predicted"].shape == (3, n_test)
-    assert arrays["val.pred.random.every_class"].shape == (2, 3, n_val)
-    assert arrays["test.pred.scalingvis"].shape == (1, n_test) and arrays["test.pred.adaptvis"].shape == (1, n_test)
-    for method in ("probe.predicted", "probe.every_class", "random.predicted", "random.every_class"):
+    assert arrays["test.pred.probe"].shape == (3, n_test)
+    assert arrays["val.pred.random"].shape == (2, 3, n_val)
+    assert arrays["test.pred.scalingvis"].shape == (2, n_test) and arrays["test.pred.adaptvis"].shape == (4, n_test)
+    assert arrays["test.pred.image_attention_reweighting"].shape == (1, n_test)
+    assert metrics["grids"]["adaptvis"] == [{"weight1": 0.5, "weight2": w2, "threshold": t}
+                                            for w2 in (1.5, 2.0) for t in (0.5, 1.0)]
+    for method in ("probe", "random"):
         # alpha = 0 is no intervention
         np.testing.assert_array_equal(arrays[f"test.pred.{method}"][..., 0, :], np.broadcast_to(
             arrays["test.pred.none"], arrays[f"test.pred.{method}"][..., 0, :].shape))
+    for method in ("probe", "random", "scalingvis", "adaptvis", "image_attention_reweighting"):
+        # each method's setting is the earliest best on val, and the table is test at that setting
         curve = [m["accuracy"] for m in metrics["splits"]["val"][method]["curve"]]
-        assert metrics["chosen"][method] == [0, 1, 2][int(np.argmax(curve))]
-        k = [0, 1, 2].index(metrics["chosen"][method])
+        k = int(np.argmax(curve))
+        assert metrics["chosen"][method] == metrics["grids"][method.split(".")[0]][k]
+        assert metrics["table"][method]["chosen"] == metrics["chosen"][method]
         assert metrics["table"][method]["accuracy"] == metrics["splits"]["test"][method]["curve"][k]["accuracy"]
-    correct = arrays["test.pred.probe.predicted"][2] == arrays["test.answer"]
-    assert metrics["splits"]["test"]["probe.predicted"]["curve"][2]["accuracy"] == pytest.approx(correct.mean())
-    assert np.allclose(np.linalg.norm(arrays["random_directions"], axis=-1), 1.0, atol=1e-5)
+    assert metrics["chosen"]["probe"] in [{"alpha": a} for a in (0, 1, 2)]
+    # AdaptVis: each example gets ScalingVis at weight1 below the threshold, else at weight2 (rounded confidence)
+    confidence = arrays["test.adaptvis_confidence"]
+    np.testing.assert_array_equal(confidence, np.round(confidence, 2))
+    for k, chosen in enumerate(metrics["grids"]["adaptvis"]):
+        if chosen["weight2"] == 2.0:                        # ScalingVis ran at 2.0 (grid [0, 2.0])
+            high = confidence >= chosen["threshold"]
+            np.testing.assert_array_equal(arrays["test.pred.adaptvis"][k][high], arrays["test.pred.scalingvis"][1][high])
+    correct = arrays["test.pred.probe"][2] == arrays["test.answer"]
+    assert metrics["splits"]["test"]["probe"]["curve"][2]["accuracy"] == pytest.approx(correct.mean())
+    # the paper's scale: the probe's own rows (w / scale), their norms recorded, random directions of those norms
+    rows = arrays["horizontal.weight"] / arrays["horizontal.scale"]
+    np.testing.assert_allclose(metrics["probe"]["direction_norms"], np.linalg.norm(rows, axis=-1), rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(arrays["random_directions"], axis=-1),
+                               np.broadcast_to(np.linalg.norm(rows, axis=-1), (2, 3)), rtol=1e-5)
+    # the None row over every composite: train, val and test, both directions each
+    every = metrics["none_all_composites"]
+    assert every["n"] == 2 * sum(len(c) for c in load_splits(cfg).values()) and 0 <= every["accuracy"] <= 1
     assert metrics["probe"]["n_train_images"] == len(load_splits(cfg)["train"])
 
     out = tmp_path / "figure"
@@ -134,8 +186,13 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
                            str(tmp_path / "results"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     table = (out / "table3.md").read_text()
-    for label in ("None", "Random amp. (predicted)", "ScalingVis", "AdaptVis", "Ordering amp. (every_class)"):
+    for label in ("None", "None (all composites)", "Random amp.", "ScalingVis", "AdaptVis", "Ordering amp.",
+                  "Attention reweighting (not ScalingVis)"):
         assert f"| {label} |" in table
+    chosen = metrics["chosen"]["adaptvis"]
+    assert (f"| AdaptVis | weight1 {chosen['weight1']:g}, weight2 {chosen['weight2']:g}, threshold "
+            f"{chosen['threshold']:g} |") in table
+    assert f"| ScalingVis | coefficient {metrics['chosen']['scalingvis']['coefficient']:g} |" in table
     assert (out / "table3_tiny_qwen2vl_whatsup_alpha.png").stat().st_size > 0
     assert len(json.loads((out / "table3.json").read_text())) == 7
 
@@ -143,8 +200,11 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
 @pytest.mark.parametrize("args,needle", [
     ([], "data.whatsup_dir is not set"),
     (["data.whatsup_dir=/no/such/whatsup"], "/no/such/whatsup"),
-    (["data.whatsup_dir=.", "variants=[sideways]"], "sideways"),
+    (["data.whatsup_dir=.", "directions=sideways"], "sideways"),
     (["data.whatsup_dir=.", "setting=squares"], "does not run on setting 'squares'"),
+    (["data.whatsup_dir=."], "data.whatsup_boxes is not set: make them with `python -m data_gen.whatsup boxes "
+                             "data.whatsup_dir=.` (an open-vocabulary detector), then pass data.whatsup_boxes=FILE"),
+    (["data.whatsup_dir=.", "data.whatsup_boxes=/no/boxes.json"], "data.whatsup_boxes=/no/boxes.json does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needle):
     done = subprocess.run([sys.executable, "-m", "runner", "experiment=amplification", "model=tiny_qwen2vl", "device=cpu",
@@ -155,14 +215,44 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, need
     assert not (tmp_path / "results").exists()
 
 
-def test_whatsup_probes_label_every_token_of_unequal_boxes(stand_in, tmp_path):
-    """Gemma's 16 columns cut at thirds give parts of 5, 6 and 5 columns: item tokens are padded with -1 and
-    every token inside a box is a training example labelled with the box's position."""
+def test_whatsup_probes_train_only_on_the_tokens_inside_the_boxes(stand_in, tmp_path):
+    """The stand-ins' known boxes on Gemma's 16 x 16 grid of 56 px tokens (896 x 896; x scales by 5.6, y by
+    896/120), by hand: left object (15, 60, 41, 90) -> (84, 448, 230, 672), tokens rows [8, 12) x cols [1, 5)
+    = 16; reference (62, 40, 98, 100) -> (347, 298, 549, 747), rows [5, 14) x cols [6, 10) = 36; right object
+    (119, 60, 145, 90) -> (666, 448, 812, 672), rows [8, 12) x cols [11, 15) = 16. Unequal boxes: item tokens
+    are padded with -1; only the 68 tokens inside boxes of each image are training examples (of 256)."""
+    from probing.extract import Embeddings
+
     cfg = make_cfg("model=tiny_gemma3", "experiment=whatsup_probes", f"data.whatsup_dir={stand_in}",
-                   f"results_dir={tmp_path}", f"embeddings_dir={tmp_path / 'emb'}", "n_train=3", "n_test=2")
+                   f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path}",
+                   f"embeddings_dir={tmp_path / 'emb'}", "n_train=3", "n_test=2")
     run_unit(cfg)
     record, arrays = load_unit(unit_dir(cfg))
     m = record["metrics"]["probes"]["horizontal"]
-    assert m["n_train_images"] == 3 and m["n_train_tokens"] == 3 * 16 * 16 and m["n_test_images"] == 2
-    item_map = arrays["horizontal.item_map"]
-    assert [int((item_map == k).sum()) for k in range(3)] == [16 * 5, 16 * 6, 16 * 5]
+    assert m["n_train_images"] == 3 and m["n_train_tokens"] == 3 * (16 + 36 + 16) and m["n_test_images"] == 2
+    assert m["n_test_tokens"] == 2 * (16 + 36 + 16)
+    expected = np.full((16, 16), -1)
+    expected[8:12, 1:5], expected[5:14, 6:10], expected[8:12, 11:15] = 0, 1, 2
+    np.testing.assert_array_equal(arrays["horizontal.item_map"], expected)
+    np.testing.assert_array_equal(arrays["horizontal.example_item_box"], [[8, 1, 12, 5], [5, 6, 14, 10], [8, 11, 12, 15]])
+    train = Embeddings.load(m["embeddings"]["train"])
+    for tokens in train.item_tokens:                          # (items, padded tokens) per training image
+        assert [sorted(t[t >= 0].tolist()) for t in tokens] == [sorted(np.flatnonzero(expected == k).tolist())
+                                                                  for k in range(3)]
+
+
+def test_whatsup_probes_without_boxes_exit_2_in_one_line_saying_how_to_make_them(stand_in, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "runner", "experiment=whatsup_probes", "model=tiny_qwen2vl",
+                           "device=cpu", f"data.whatsup_dir={stand_in}", f"results_dir={tmp_path / 'results'}"],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: experiment=whatsup_probes trains on the tokens inside")
+    assert f"`python -m data_gen.whatsup boxes data.whatsup_dir={stand_in}`" in lines[0]
+    assert "then pass data.whatsup_boxes=FILE" in lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_amplification_from_saved_probes_needs_no_boxes(stand_in, tmp_path):
+    check_inputs(make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
+                          f"probes_from={tmp_path}"))

@@ -1,28 +1,32 @@
 """What'sUp composites on stand-in photographs written in the real layout (JSON + JPEGs) by
 data_gen.whatsup.write_stand_in: a noisy grey background, the reference as one colored block in the middle and
-the object as another block on its side."""
+the object as another block on its side, with the blocks' known boxes in boxes.json."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from common.errors import UsageError
-from common.geometry import Grid
+from common.geometry import Grid, token_indices
 from data_gen.settings import Setting
 from data_gen.whatsup import (
     STAND_IN_COLORS,
     STAND_IN_COMBOS,
     STAND_IN_OBJECT_BOX,
     STAND_IN_REFERENCE_BOX,
+    STAND_IN_SIZE,
     composite_samples,
     covering_token_box,
     load_composites,
     load_splits,
     pair_photos,
     read_photos,
+    require_boxes,
     split_composites,
+    stand_in_boxes,
     write_stand_in,
 )
 from tests.conftest import load_twin, make_cfg
@@ -104,9 +108,10 @@ def inside(mask: np.ndarray, box, margin=0) -> bool:
 
 @pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
 def test_composite_is_token_aligned_and_boxes_hold_their_objects(dataset, model):
-    cfg = cfg_for(dataset, model)
+    cfg = cfg_for(dataset, model, f"data.whatsup_boxes={dataset / 'boxes.json'}")
     grid = Grid.from_config(cfg.model.grid)
     composites = load_composites(cfg)
+    blur = math.ceil(max(grid.width / STAND_IN_SIZE[0], grid.height / STAND_IN_SIZE[1]))
     assert {c.id for c in composites} == {"_".join(t) for t in expected_pairs(COMBOS)}
     for composite in composites[:4]:
         image = composite.image()
@@ -116,14 +121,63 @@ def test_composite_is_token_aligned_and_boxes_hold_their_objects(dataset, model)
             assert item.position == position and item.name == name
             x0, y0, x1, y1 = item.pixel_box
             assert 0 <= x0 < x1 <= grid.width and 0 <= y0 < y1 <= grid.height
-            assert inside(color_mask(image, COLORS[name.replace(" ", "-")]), item.pixel_box)
+            # resizing the photo blurs a block's edge by less than one photo pixel
+            assert inside(color_mask(image, COLORS[name.replace(" ", "-")]), item.pixel_box, margin=blur)
             row0, col0, row1, col1 = item.token_box
             assert 0 <= row0 < row1 <= grid.rows and 0 <= col0 < col1 <= grid.cols
             assert item.token_box == covering_token_box(grid, item.pixel_box)
-            assert composite.strips[position] == (0, col0, grid.rows, col1)   # parts are full-height bands
-        assert [item.token_box[1] for item in composite.items] == list(composite.columns[:3])
+            strip = composite.strips[position]                                # parts are full-height bands
+            assert strip == (0, composite.columns[position], grid.rows, composite.columns[position + 1])
+            assert strip[1] <= col0 and col1 <= strip[3] and (row0, row1) != (0, grid.rows)   # inside, tighter
     if model == "tiny_qwen2vl":
         assert composites[0].columns == (0, 4, 8, 12)
+
+
+def test_without_a_box_file_composites_carry_no_boxes_and_box_runs_refuse(dataset):
+    """No box file: no item has a box (never the whole third, SPEC 6), strips are still the parts, the queried
+    samples (accuracy) are made as before, and require_boxes stops the probes in one line saying how to make
+    boxes."""
+    cfg = cfg_for(dataset)
+    composites = load_composites(cfg)
+    assert len(composites) == len(expected_pairs(COMBOS))
+    for composite in composites:
+        assert all(item.pixel_box is None and item.token_box is None for item in composite.items)
+        assert composite.strips == [(0, 0, 12, 4), (0, 4, 12, 8), (0, 8, 12, 12)]
+    setting = Setting.from_config(cfg.setting)
+    left, right = composite_samples(composites[0], setting)
+    assert (left.answer, right.answer) == (composites[0].items[0].answer, composites[0].items[2].answer)
+    with pytest.raises(UsageError) as err:
+        require_boxes(cfg, "experiment=whatsup_probes")
+    message = str(err.value)
+    assert "\n" not in message and "data.whatsup_boxes is not set" in message
+    assert f"python -m data_gen.whatsup boxes data.whatsup_dir={dataset}" in message
+    assert "data.whatsup_boxes=FILE" in message
+    with pytest.raises(UsageError, match="data.whatsup_boxes=/no/boxes.json does not exist: make them with"):
+        require_boxes(cfg_for(dataset, "tiny_qwen2vl", "data.whatsup_boxes=/no/boxes.json"), "amplification")
+    assert require_boxes(cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}"),
+                         "x") == dataset / "boxes.json"
+
+
+def test_known_boxes_map_to_exactly_the_tokens_they_cover(dataset):
+    """The stand-ins' known boxes (a 160 x 120 photo) on Qwen2-VL's 12 x 12 grid of 28 px tokens (336 x 336),
+    by hand: x scales by 336/160 = 2.1, y by 336/120 = 2.8; starts are floored, ends rounded up, then tokens
+    [start // 28, ceil(end / 28)).
+      left object  (15, 60, 41, 90)   -> (31, 168, 87, 252)   (31.5, 86.1 -> 31, 87)   cols [1, 4)  rows [6, 9)
+      reference    (62, 40, 98, 100)  -> (130, 112, 206, 280) (130.2, 205.8)           cols [4, 8)  rows [4, 10)
+      right object (119, 60, 145, 90) -> (249, 168, 305, 252) (249.9, 304.5)           cols [8, 11) rows [6, 9)
+    Each lies inside its part (cols [0, 4), [4, 8), [8, 12)), so nothing is clipped."""
+    cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}")
+    assert json.loads((dataset / "boxes.json").read_text()) == stand_in_boxes(COMBOS)
+    composites = load_composites(cfg)
+    assert len(composites) == len(expected_pairs(COMBOS))
+    for composite in composites:
+        assert [item.pixel_box for item in composite.items] == [(31, 168, 87, 252), (130, 112, 206, 280),
+                                                               (249, 168, 305, 252)]
+        assert [item.token_box for item in composite.items] == [(6, 1, 9, 4), (4, 4, 10, 8), (6, 8, 9, 11)]
+    tokens = [set(token_indices(Grid.from_config(cfg.model.grid), item.token_box)) for item in composites[0].items]
+    assert tokens[0] == {12 * r + c for r in (6, 7, 8) for c in (1, 2, 3)}
+    assert tokens[1] == {12 * r + c for r in range(4, 10) for c in range(4, 8)}
+    assert tokens[2] == {12 * r + c for r in (6, 7, 8) for c in (8, 9, 10)}
 
 
 def test_samples_prompt_about_the_reference_and_answer_the_queried_side(dataset):
@@ -172,9 +226,8 @@ def test_splits_are_disjoint_by_composite_and_deterministic(dataset):
 
 def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path):
     root = write_dataset(tmp_path / "data")
-    boxes = {f"{obj}_{relation}_{ref}.jpeg": {"object": list(OBJECT_BOX[relation.removesuffix("_of")]),
-                                               "reference": list(REFERENCE_BOX)}
-             for obj, ref in COMBOS for relation in ("left_of", "right_of")}
+    boxes = stand_in_boxes(COMBOS)
+    assert boxes["cap_left_of_chair.jpeg"] == {"object": list(OBJECT_BOX["left"]), "reference": list(REFERENCE_BOX)}
     boxes["cap_left_of_chair.jpeg"]["object"] = [70, 60, 90, 90]          # over the middle part
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     cfg = cfg_for(root, "tiny_qwen2vl", f"data.whatsup_boxes={tmp_path / 'boxes.json'}")

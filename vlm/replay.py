@@ -337,24 +337,6 @@ def _first_rows(value, batch_dim, n):
     return value.narrow(batch_dim, 0, n)
 
 
-def continue_runs(vlm, runs: list[tuple[Record, list]], tokens: torch.Tensor) -> torch.Tensor:
-    """(rows, steps, vocab) float32 logits of `tokens` (rows, steps) appended to each run; run i is (its
-    record, its per-layer (kv_heads, L, head_dim) keys and values): a replayed row (`Replayed.kv`) or a recorded
-    input itself (`record_kv`). Runs of one record continue in one forward."""
-    out: list = [None] * len(runs)
-    groups: dict[int, list[int]] = {}
-    for i, (record, _) in enumerate(runs):
-        groups.setdefault(id(record), []).append(i)
-    for indices in groups.values():
-        record = runs[indices[0]][0]
-        kv = [(torch.stack([runs[i][1][layer][0] for i in indices]), torch.stack([runs[i][1][layer][1] for i in indices]))
-              for layer in range(len(runs[indices[0]][1]))]
-        logits = vlm.adapter.continue_forward(vlm.model, record.inputs, kv, tokens[indices].to(vlm.device))
-        for j, i in enumerate(indices):
-            out[i] = logits[j]
-    return torch.stack(out)
-
-
 def record_kv(record: Record) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A recorded input's own keys and values at every layer."""
     return [record.kv(layer) for layer in range(len(record._batch.kv))]

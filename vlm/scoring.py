@@ -1,6 +1,20 @@
-"""Candidate-answer scoring (docs/experiments.md, "Scoring"): a candidate's score is the next-token probability
-of its first token, summed over its surface forms (`red`, `Red`, ` red`, ` Red`) that start with distinct
-tokens."""
+"""Candidate-answer scoring (docs/experiments.md, "Scoring").
+
+Each candidate answer is spelled four ways (`red`, `Red`, ` red`, ` Red`: its surface forms), each form a
+sequence of tokens. Two rules, chosen per setting and vocabulary:
+- first token (`exact`): when every candidate's first tokens belong to it alone, a candidate's score is the
+  next-token probability of its forms' distinct first tokens, summed. The synthetic settings are scored this
+  way on every vocabulary here.
+- whole answer: when two candidates share a first token (Qwen2's BPE starts `Banana` and `Banjo` with `Ban`), a
+  candidate's score is the probability of each whole form, the product of its tokens' probabilities under teacher
+  forcing, summed over its distinct forms. The continuation runs on the prompt's cache (`continue_answers`), so
+  an intervention on the prompt (a patch, a scaled attention) is in every token's probability.
+Answers are never renamed to dodge a tokenizer, and no candidate is refused unless it has no tokens at all or two
+candidates tokenize to the very same sequence.
+"""
+
+import copy
+from contextlib import nullcontext
 
 import torch
 from tqdm import tqdm
@@ -8,55 +22,141 @@ from tqdm import tqdm
 from common.errors import UsageError
 from vlm.twins import surface_forms
 
+MAX_CONTINUATION_ROWS = 256     # prompt rows x answer forms per continuation forward (the cache is copied per row)
+
 
 class AnswerScorer:
-    """Scores a fixed list of candidate answers from next-token logits.
+    """Scores a fixed list of candidate answers.
 
-    `token_ids[i]` are the distinct first-token ids of candidate i's surface forms. A first token shared by
-    two candidates would make their scores ambiguous, so it is refused at construction.
-    """
+    `forms[i]`: candidate i's surface forms as distinct token-id tuples; `token_ids[i]`: their distinct first
+    tokens. `exact`: the first-token rule applies (no first token shared by two candidates); otherwise the
+    whole-answer rule, whose multi-token forms are `sequences` (with `sequence_owner`, the candidate of each)."""
 
     def __init__(self, tokenizer, candidates: list[str]):
         self.candidates = list(candidates)
         unk = tokenizer.unk_token_id
-        self.token_ids: list[list[int]] = []
-        owner: dict[int, str] = {}
+        self.forms: list[list[tuple[int, ...]]] = []
         for candidate in self.candidates:
-            ids = []
+            forms = []
             for form in surface_forms(candidate):
-                encoded = tokenizer(form, add_special_tokens=False)["input_ids"]
-                if encoded and encoded[0] != unk and encoded[0] not in ids:
-                    ids.append(encoded[0])
-            if not ids:
+                ids = tuple(tokenizer(form, add_special_tokens=False)["input_ids"])
+                if ids and unk not in ids and ids not in forms:
+                    forms.append(ids)
+            if not forms:
                 raise UsageError(f"answer {candidate!r} has no token in the model's vocabulary")
+            self.forms.append(forms)
+        self.token_ids = [list(dict.fromkeys(form[0] for form in forms)) for forms in self.forms]
+        starts: dict[int, list[int]] = {}
+        for i, ids in enumerate(self.token_ids):
             for token in ids:
-                if token in owner:
-                    raise UsageError(f"answers {owner[token]!r} and {candidate!r} start with the same token "
-                                     f"{tokenizer.convert_ids_to_tokens(token)!r}")
-                owner[token] = candidate
-            self.token_ids.append(ids)
-        self._owner = owner
-        vocab = max(owner) + 1
-        # (vocab, candidates) 0/1 matrix: probs @ membership sums each candidate's token probabilities
+                starts.setdefault(token, []).append(i)
+        self._starts = starts
+        self.exact = all(len(owners) == 1 for owners in starts.values())
+        whole: dict[tuple[int, ...], int] = {}
+        for i, forms in enumerate(self.forms):
+            for form in forms:
+                if whole.setdefault(form, i) != i:
+                    raise UsageError(f"answers {self.candidates[whole[form]]!r} and {candidates[i]!r} tokenize the same "
+                                     f"way: {tokenizer.convert_ids_to_tokens(list(form))}")
+        # (vocab, candidates) 0/1 matrix: probs @ membership sums each candidate's first-token probabilities
+        vocab = max(starts) + 1
         self._membership = torch.zeros(vocab, len(self.candidates))
         for i, ids in enumerate(self.token_ids):
             self._membership[ids, i] = 1.0
+        self.sequences = [form for forms in self.forms for form in forms if len(form) > 1]
+        self.sequence_owner = [i for i, forms in enumerate(self.forms) for form in forms if len(form) > 1]
+        # single-token forms: (candidate, token) pairs, scored by their next-token probability alone
+        self._singles = [(i, form[0]) for i, forms in enumerate(self.forms) for form in forms if len(form) == 1]
 
     def index(self, answer: str) -> int:
         return self.candidates.index(answer)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """(batch, vocab) logits -> (batch, candidates) probabilities."""
+        """First-token rule: (batch, vocab) next-token logits -> (batch, candidates) probabilities."""
+        if not self.exact:
+            raise ValueError("these candidates share first tokens: score them with whole answers "
+                             "(VLM.candidate_probabilities)")
         probs = torch.softmax(logits.float(), dim=-1)[:, : self._membership.shape[0]]
         return probs @ self._membership.to(probs.device)
 
-    def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """(batch,) index of the highest-scoring candidate."""
-        return self.probabilities(logits).argmax(-1)
+    def continuation_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the whole-answer rule: (tokens (n, L) fed after the prompt, their mask (n, L), targets (n, L))
+        for the n multi-token forms: form s feeds s[:-1] and is scored on s[1:] (L = longest form - 1; padding
+        on the right, target -1)."""
+        length = max(len(s) for s in self.sequences) - 1
+        ids = torch.zeros(len(self.sequences), length, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        targets = torch.full_like(ids, -1)
+        for row, form in enumerate(self.sequences):
+            ids[row, :len(form) - 1] = torch.tensor(form[:-1])
+            mask[row, :len(form) - 1] = 1
+            targets[row, :len(form) - 1] = torch.tensor(form[1:])
+        return ids, mask, targets
 
-    def greedy_candidate(self, logits: torch.Tensor) -> list[str | None]:
-        """The candidate whose token greedy decoding would emit, or None when it emits no candidate's token."""
-        return [self._owner.get(int(t)) for t in logits.argmax(-1)]
+    def whole_answer_probabilities(self, logits: torch.Tensor, continued: torch.Tensor) -> torch.Tensor:
+        """Whole-answer rule: (batch, candidates) from the prompt's next-token `logits` (batch, vocab) and
+        `continued` (batch, n, L), the log-probability of each multi-token form's later tokens (0 past its end)."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        scores = torch.zeros(logits.shape[0], len(self.candidates), device=logits.device)
+        for i, token in self._singles:
+            scores[:, i] += log_probs[:, token].exp()
+        for row, (form, owner) in enumerate(zip(self.sequences, self.sequence_owner, strict=True)):
+            scores[:, owner] += (log_probs[:, form[0]] + continued[:, row].to(logits.device).sum(-1)).exp()
+        return scores
+
+    def greedy_candidate(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> list[str | None]:
+        """The candidate greedy decoding's first token starts: the one candidate starting with it, or (a first
+        token shared by several, with their `probs`) the best of those; None when it starts no candidate."""
+        out = []
+        for row, token in enumerate(logits.argmax(-1).tolist()):
+            owners = self._starts.get(token, [])
+            if len(owners) > 1 and probs is not None:
+                owners = [max(owners, key=lambda i: float(probs[row, i]))]
+            out.append(self.candidates[owners[0]] if len(owners) == 1 else None)
+        return out
+
+
+def continue_answers(vlm, scorer: AnswerScorer, inputs, cache) -> torch.Tensor:
+    """(batch, n, L) log-probabilities of every multi-token answer form's later tokens, teacher-forced after each
+    prompt of `inputs` from that prompt's `cache` (past key values of a forward over `inputs`, left untouched)."""
+    ids, mask, targets = (t.to(vlm.device) for t in scorer.continuation_inputs())
+    batch, n = inputs["input_ids"].shape[0], ids.shape[0]
+    out = torch.zeros(batch, n, ids.shape[1], device=vlm.device)
+    per_chunk = max(1, MAX_CONTINUATION_ROWS // batch)
+    positions = vlm.adapter.continuation_position_ids(vlm.model, inputs, ids.shape[1])     # (..., batch, L)
+    for start in range(0, n, per_chunk):
+        rows = slice(start, start + per_chunk)
+        k = ids[rows].shape[0]
+        expanded = copy.deepcopy(cache)
+        expanded.batch_repeat_interleave(k)              # prompt b's rows are b * k ... b * k + k - 1
+        attention = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), mask[rows].repeat(batch, 1)], 1)
+        logits = vlm.model(input_ids=ids[rows].repeat(batch, 1), attention_mask=attention,
+                           position_ids=positions.repeat_interleave(k, -2), use_cache=False,
+                           **{vlm.adapter.cache_argument(vlm.model): expanded}).logits.float()
+        chunk_targets = targets[rows].repeat(batch, 1)
+        gathered = torch.log_softmax(logits, -1).gather(-1, chunk_targets.clamp(min=0)[..., None])[..., 0]
+        out[:, rows] = torch.where(chunk_targets >= 0, gathered, 0.0).reshape(batch, k, -1)
+    return out
+
+
+def candidate_probabilities(vlm, scorer: AnswerScorer, inputs, visual_tokens: torch.Tensor | None = None,
+                            during=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate probabilities (batch, candidates), last-position logits (batch, vocab)) of one forward over
+    `inputs` (`visual_tokens` as in VLM.last_logits), under the rule `scorer` says. `during()` is a context
+    (hooks, scaled attention) active for the forward over the prompt only: the answer's later tokens continue
+    from its cache, as generation would."""
+    with torch.no_grad():
+        if scorer.exact:
+            with during():
+                logits = vlm.last_logits(inputs, visual_tokens)
+            return scorer.probabilities(logits), logits
+        with during():
+            out = vlm.adapter.forward(vlm.model, inputs, visual_tokens, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        if not scorer.sequences:
+            return scorer.whole_answer_probabilities(logits, torch.zeros(logits.shape[0], 0, 0)), logits
+        continued = continue_answers(vlm, scorer, inputs, out.past_key_values)
+        return scorer.whole_answer_probabilities(logits, continued), logits
 
 
 def score_samples(vlm, scorer: AnswerScorer, samples, batch_size: int, desc: str = "scoring"):
@@ -65,7 +165,8 @@ def score_samples(vlm, scorer: AnswerScorer, samples, batch_size: int, desc: str
     probs, greedy = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
         batch = samples[start:start + batch_size]
-        logits = vlm.last_logits(vlm.encode([s.image for s in batch], [s.prompt for s in batch]))
-        probs.append(scorer.probabilities(logits).cpu())
-        greedy += scorer.greedy_candidate(logits)
+        scores, logits = candidate_probabilities(vlm, scorer, vlm.encode([s.image for s in batch],
+                                                                          [s.prompt for s in batch]))
+        probs.append(scores.cpu())
+        greedy += scorer.greedy_candidate(logits, scores)
     return torch.cat(probs).numpy(), greedy

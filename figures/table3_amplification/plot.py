@@ -1,6 +1,7 @@
 """Redraw paper Table 3 (probe amplification against no intervention, random directions, ScalingVis and
-AdaptVis on What'sUp composites) from results/amplification/<model>/<setting>/metrics.json: table3.md,
-table3.json and one PNG of alpha curves per model and setting."""
+AdaptVis on What'sUp composites, plus an image-attention reweighting that is not ScalingVis) from
+results/amplification/<model>/<setting>/metrics.json: table3.md, table3.json and one PNG of alpha curves per
+model and setting."""
 
 import argparse
 import json
@@ -16,10 +17,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common.results import find_units  # noqa: E402
 
 LABELS = {"none": "None", "random": "Random amp.", "scalingvis": "ScalingVis", "adaptvis": "AdaptVis",
-          "probe": "Ordering amp."}
-ORDER = ["none", "random", "scalingvis", "adaptvis", "probe"]
-VALUE_NAME = {"random": "alpha", "probe": "alpha", "scalingvis": "coefficient", "adaptvis": "threshold"}
+          "image_attention_reweighting": "Attention reweighting (not ScalingVis)", "probe": "Ordering amp."}
+ORDER = ["none", "random", "scalingvis", "adaptvis", "image_attention_reweighting", "probe"]
 METRICS = ("accuracy", "corrected", "broken")
+
+
+def setting_text(chosen: dict) -> str:
+    """The setting chosen on val: 'alpha 5', 'coefficient 0.8', 'weight1 0.5, weight2 1.5, threshold 0.4'."""
+    return ", ".join(f"{name} {value:g}" for name, value in chosen.items())
 
 
 def pct(value) -> str:
@@ -27,41 +32,40 @@ def pct(value) -> str:
 
 
 def rows(metrics: dict) -> list[tuple[str, dict]]:
-    """(label, test metrics at the value chosen on val) in the paper's order, one row per variant."""
+    """(label, test metrics at the value chosen on val) in the paper's order; the None row first over the test
+    split, then over every composite (the paper's None, its Table 1 What'sUp column)."""
     table = metrics["table"]
-    out = []
-    for kind in ORDER:
-        for method in sorted(m for m in table if m.split(".")[0] == kind):
-            variant = method.partition(".")[2]
-            out.append((LABELS[kind] + (f" ({variant})" if variant and len(metrics["variants"]) > 1 else ""),
-                        {**table[method], "method": method}))
+    out = [(LABELS[method], {**table[method], "method": method}) for method in ORDER if method in table]
+    every = metrics["none_all_composites"]
+    out.insert(1, ("None (all composites)", {**every, "method": "none", "split": "all"}))
     return out
 
 
 def markdown(units: list[tuple[str, str, dict]]) -> str:
-    lines = ["| model | setting | intervention | chosen on val | test acc. | % corr. fail. | % broken | n test |",
+    lines = ["| model | setting | intervention | chosen on val | test acc. | % corr. fail. | % broken | n |",
              "|---|---|---|---|---|---|---|---|"]
     for model, setting, metrics in units:
         for label, m in rows(metrics):
             kind = m["method"].split(".")[0]
-            chosen = f"{VALUE_NAME[kind]} {m['value']:g}" if "value" in m else "–"
+            chosen = setting_text(m["chosen"]) if "chosen" in m else "–"
             corrected = "–" if kind == "none" else pct(m["corrected"])
             broken = "–" if kind == "none" else pct(m["broken"])
+            accuracy = f"{m['accuracy']:.2f}" + (" (all)" if m.get("split") == "all" else "")
             sd = f" ± {m['accuracy_sd']:.2f}" if "accuracy_sd" in m else ""
-            lines.append(f"| {model} | {setting} | {label} | {chosen} | {m['accuracy']:.2f}{sd} | {corrected} | "
+            lines.append(f"| {model} | {setting} | {label} | {chosen} | {accuracy}{sd} | {corrected} | "
                          f"{broken} | {m['n']} |")
     return "\n".join(lines) + "\n"
 
 
 def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
     """Accuracy, % corrected and % broken against alpha, val (dashed) and test (solid), probe and random
-    directions per variant; no intervention as a grey line; the chosen alpha marked."""
+    directions; no intervention as a grey line; the chosen alpha marked."""
     alphas = metrics["alphas"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = [m for m in metrics["splits"]["test"] if m.split(".")[0] in ("probe", "random")]
     for ax, key in zip(axes, METRICS, strict=True):
-        for k, method in enumerate(sorted(methods, key=lambda m: (m.partition(".")[2], m))):
+        for k, method in enumerate(methods):
             for split, style in (("val", "--"), ("test", "-")):
                 curve = metrics["splits"][split][method]["curve"]
                 label = f"{method} {split}" if key == "accuracy" else None
@@ -72,7 +76,7 @@ def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
                 ax.fill_between(alphas, [c["accuracy"] - c["accuracy_sd"] for c in curve],
                                 [c["accuracy"] + c["accuracy_sd"] for c in curve], color=colors[k % len(colors)],
                                 alpha=0.15, linewidth=0)
-            ax.axvline(metrics["chosen"][method], color=colors[k % len(colors)], linestyle=":", linewidth=1)
+            ax.axvline(metrics["chosen"][method]["alpha"], color=colors[k % len(colors)], linestyle=":", linewidth=1)
         if key == "accuracy":
             for split, style in (("val", "--"), ("test", "-")):
                 ax.axhline(metrics["splits"][split]["none"]["accuracy"], color="grey", linestyle=style,

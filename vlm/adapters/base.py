@@ -109,6 +109,19 @@ class FamilyAdapter:
             repeated[key] = value.expand(rows, *value.shape[1:])
         return repeated
 
+    def continuation_position_ids(self, model, inputs, length: int) -> torch.Tensor:
+        """Position ids of `length` text tokens appended after each row of `inputs` (batch, length): what a
+        forward over the longer sequence would give them. Here, as the LM's default numbering does, the
+        positions go on from the input's length."""
+        start = inputs["input_ids"].shape[1]
+        positions = torch.arange(start, start + length, device=inputs["input_ids"].device)
+        return positions.expand(inputs["input_ids"].shape[0], length)
+
+    def cache_argument(self, model) -> str:
+        """The forward's keyword for past keys and values: `cache` in newer transformers 5.x, `past_key_values`
+        (deprecated there) in older ones."""
+        return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
     def accepts_encoder_outputs(self, model) -> bool:
         """Whether this transformers' forward takes precomputed visual embeddings (`mm_encoder_outputs`, newer
         5.x releases)."""
@@ -160,10 +173,6 @@ class FamilyAdapter:
     mask_argument = "attention_mask"
     layer_tensors = {"position_embeddings": (-3, -2), "position_ids": (-2, -1), "cache_position": (None, -1)}
 
-    def cache_argument(self, model) -> str:
-        """The forward's name for its KV cache: `cache` in newer transformers 5.x, `past_key_values` before."""
-        return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
-
     def new_cache(self) -> Cache:
         """An empty cache that keeps every position of every layer (no sliding-window eviction), so a recorded
         forward's keys and values are all there whatever the layer type."""
@@ -185,6 +194,11 @@ class FamilyAdapter:
             cache.update(keys, values, layer)
         return cache
 
+    def stack_images(self, inputs: list) -> dict:
+        """The images of several batch-1 encodings as one batch for `image_features` (pixels already processed
+        by `encode`, so nothing is processed twice)."""
+        return {key: torch.cat([encoded[key] for encoded in inputs]) for key in self.image_inputs}
+
     def stack_inputs(self, inputs: list) -> dict:
         """Several batch-1 encodings of one length as one batch, without the images (their visual embeddings are
         passed to the forward instead)."""
@@ -195,21 +209,3 @@ class FamilyAdapter:
         """(n, vocab) float32 logits of (n, hidden) last-layer hidden states: the final norm, then the head, as
         the model's forward does."""
         return model.get_output_embeddings()(self.final_norm(model)(hidden)).float()
-
-    def next_position_ids(self, model, inputs, steps: int) -> torch.Tensor:
-        """Position ids of `steps` text tokens appended to the (batch-1) `inputs`: (1, steps)."""
-        length = int(inputs["input_ids"].shape[1])
-        return torch.arange(length, length + steps, device=inputs["input_ids"].device)[None]
-
-    def continue_forward(self, model, inputs, kv, tokens: torch.Tensor) -> torch.Tensor:
-        """(rows, steps, vocab) float32 logits of `tokens` (rows, steps) appended to the (batch-1) `inputs`, each row
-        continuing from its own keys and values `kv` (per layer, (rows, kv_heads, L, head_dim)): how a whole answer
-        is scored after a patched run."""
-        rows, steps = tokens.shape
-        length = int(inputs["input_ids"].shape[1])
-        positions = self.next_position_ids(model, inputs, steps)
-        positions = positions.expand(*positions.shape[:-2], rows, steps)
-        mask = torch.ones(rows, length + steps, dtype=inputs["attention_mask"].dtype, device=tokens.device)
-        out = model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
-                    **{self.cache_argument(model): self.filled_cache(kv)})
-        return out.logits.float()

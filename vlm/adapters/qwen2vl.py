@@ -1,8 +1,6 @@
 """Qwen2-VL (Qwen/Qwen2-VL-7B-Instruct): the vision tower's patch merger outputs one vector per 2 x 2 group of
 14 px patches; module paths in configs/family/qwen2vl.yaml."""
 
-import inspect
-
 import torch
 from PIL import Image
 from transformers import (
@@ -93,16 +91,18 @@ class Qwen2VLAdapter(FamilyAdapter):
         return model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                               image_grid_thw=inputs["image_grid_thw"])
 
+    def continuation_position_ids(self, model, inputs, length):
+        # M-RoPE: (3, batch, length); text after the image goes on from the prompt's last (temporal, height,
+        # width) position, equal in all three
+        positions, _ = model.model.get_rope_index(
+            inputs["input_ids"], inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"])
+        return positions[..., -1:] + 1 + torch.arange(length, device=positions.device)
+
+    def stack_images(self, inputs: list) -> dict:
+        # each image's patches are rows of pixel_values; its grid (image_grid_thw) says how many
+        return {key: torch.cat([encoded[key] for encoded in inputs]) for key in ("pixel_values", "image_grid_thw")}
+
     def encoder_outputs(self, tokens):
         # Qwen2-VL's get_image_features gives a tuple of per-image (tokens, hidden) tensors
         return BaseModelOutputWithPooling(pooler_output=tuple(tokens))
-
-    def next_position_ids(self, model, inputs, steps: int) -> torch.Tensor:
-        # M-RoPE: text after the image continues from the largest position id of the input, on all three axes
-        inner = model.model
-        wanted = inspect.signature(inner.get_rope_index).parameters
-        given = {key: inputs[key] for key in ("input_ids", "image_grid_thw", "attention_mask", "mm_token_type_ids")
-                 if key in wanted and key in inputs}
-        positions, _ = inner.get_rope_index(**given)
-        after = positions.max() + 1 + torch.arange(steps, device=positions.device)
-        return after.view(1, 1, steps).expand(3, 1, steps)

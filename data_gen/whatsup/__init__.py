@@ -18,14 +18,19 @@ reference is cropped away) and cut into three full-height parts at `cuts`, snapp
 The composite is the left photo's left and middle parts (its object, then the shared reference) with the
 right photo's right part (its object). Items: 0 = left object, 1 = reference, 2 = right object.
 
-Boxes: by default an item's box is its whole part, which lies on whole tokens. With `data.whatsup_boxes`,
-a JSON file with one entry per left/right photo, in the photo's own pixels (exclusive ends),
+Boxes (paper Fig 33: a probe trains on the tokens inside each object's box). `data.whatsup_boxes` is a JSON
+file with one entry per left/right photo, in the photo's own pixels (exclusive ends),
 
     {"beer-bottle_left_of_armchair.jpeg": {"object": [x0, y0, x1, y1], "reference": [x0, y0, x1, y1]}, ...}
 
-gives tight boxes, scaled to the composite and clipped to the item's part; a photo whose box keeps less than
-half its area inside its part is left out (with a warning). An item's token box covers every token its pixel
-box overlaps. An item's strip is its part.
+made by an open-vocabulary detector (the `boxes` command, data_gen/whatsup/detect.py) or by hand. A box may be null: the
+detector found no such object above its threshold. An entry may hold more keys (the detector adds `scores`);
+they are ignored. Boxes are scaled to the composite and clipped to the item's part; a photo whose needed box
+(object and reference of a left photo, object of a right one) is null or keeps less than half its area inside
+its part is left out (with a warning). An item's token box covers every token its pixel box overlaps.
+Without a box file the composites carry no boxes (items' pixel_box and token_box are None): accuracy and
+strip patching need none, and whatever trains on item tokens (whatsup_probes, amplification) calls
+`require_boxes` first and stops there. An item's strip is its part, with or without boxes.
 
 Count: Controlled-A photographs 103 object-reference combinations (31 with the armchair, 45 with the chair,
 27 with the table), each with the object left, right, on and under. Ordered pairs (a left of r, b right of
@@ -33,14 +38,20 @@ r, a != b) give 31*30 + 45*44 + 27*26 = 3612 composites. The paper reports 1074 
 them, so `n_composites` (default 1074) draws that many uniformly from all pairs with the run's seed.
 
 Stand-in data for tests and CPU demos, in the same layout (a noisy grey photo, the reference as one colored
-block in the middle and the object as another block on its side):
+block in the middle and the object as another block on its side), with DIR/boxes.json holding the blocks'
+known boxes (STAND_IN_OBJECT_BOX, STAND_IN_REFERENCE_BOX): stand-in ground truth, not a detector's output.
 
-    python -m data_gen.whatsup stand_in DIR [--seed 0]
+Command line (Hydra overrides of configs/whatsup_data.yaml after the subcommand, as every command here):
+
+    python -m data_gen.whatsup stand_in data.whatsup_dir=DIR [seed=0]     (or: stand_in DIR)
+    python -m data_gen.whatsup boxes data.whatsup_dir=DIR [data.whatsup_boxes=FILE] [detector.threshold=0.1 ...]
+
+`boxes` runs the detector of `detector:` (OWLv2 by default) on every left_of/right_of photo and writes the box
+file to data.whatsup_boxes (default DIR/boxes.json); then pass data.whatsup_boxes=FILE to the experiments.
 """
 
-import argparse
 import json
-import sys
+import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -60,6 +71,8 @@ SIDE_OF_RELATION = {"left_of": "left", "right_of": "right"}
 CAPTION_WORDS = {"left": "left of", "right": "right of"}
 DIRECTIONS = ("left", "right")
 MIN_KEPT_AREA = 0.5     # a tight box must keep this much of its area inside its part
+BOX_KEYS = ("object", "reference")
+BOXES_FILE = "boxes.json"   # default box file under data.whatsup_dir (the `boxes` and `stand_in` commands)
 
 
 def _get_data(subset: str) -> str:
@@ -81,8 +94,9 @@ class Photo:
 @dataclass
 class Composite:
     """Two photos merged into one (module docstring). `items`: left object, reference, right object, with
-    pixel and token boxes on `grid`; `strips`: their parts; `columns`: the part boundaries in token columns
-    (0, c1, c2, cols). The image is drawn on demand by `image()`: 1074 Gemma-size images would take 2.6 GB."""
+    pixel and token boxes on `grid` (None when no box file was given); `strips`: their parts; `columns`: the
+    part boundaries in token columns (0, c1, c2, cols). The image is drawn on demand by `image()`: 1074
+    Gemma-size images would take 2.6 GB."""
 
     id: str
     left: Photo
@@ -144,22 +158,63 @@ def read_photos(root: Path, subset: str = "controlled_images") -> list[Photo]:
     return photos
 
 
-def read_boxes(path) -> dict[str, dict[str, PixelBox]]:
-    """The box file (module docstring): {photo file name: {"object": box, "reference": box}}."""
+def make_boxes_hint(whatsup_dir=None) -> str:
+    """How to make a box file, for error messages."""
+    where = whatsup_dir if whatsup_dir not in (None, "") else "DIR"
+    return (f"make them with `python -m data_gen.whatsup boxes data.whatsup_dir={where}` (an open-vocabulary "
+            f"detector), then pass data.whatsup_boxes=FILE")
+
+
+def require_boxes(cfg: DictConfig, what: str) -> Path:
+    """The box file `cfg.data.whatsup_boxes`; a one-line UsageError saying how to make one when it is not set
+    or missing. Called by every run that trains on the tokens inside the items' boxes (`what` names it):
+    without a box file the composites carry no boxes (module docstring)."""
+    value = cfg.data.get("whatsup_boxes")
+    if value in (None, ""):
+        raise UsageError(f"{what} trains on the tokens inside each object's box (paper Fig 33) but "
+                         f"data.whatsup_boxes is not set: {make_boxes_hint(cfg.data.get('whatsup_dir'))}")
+    file = Path(str(value)).expanduser()
+    if not file.is_file():
+        raise UsageError(f"data.whatsup_boxes={file} does not exist: {make_boxes_hint(cfg.data.get('whatsup_dir'))}")
+    return file
+
+
+def load_box_entries(file: Path) -> dict:
+    """The raw JSON object of a box file; UsageError when it is not one."""
+    try:
+        entries = json.loads(Path(file).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{file} is not a readable JSON box file: {err}") from err
+    if not isinstance(entries, dict):
+        raise UsageError(f"{file} must hold a JSON object {{photo file name: {{object: box, reference: box}}}}")
+    return entries
+
+
+def read_boxes(path) -> dict[str, dict[str, PixelBox | None]]:
+    """The box file (module docstring): {photo file name: {"object": box or None, "reference": box or None}}."""
     file = Path(str(path)).expanduser()
     if not file.is_file():
-        raise UsageError(f"data.whatsup_boxes={file} does not exist; give a box file or null")
+        raise UsageError(f"data.whatsup_boxes={file} does not exist; {make_boxes_hint()}")
     boxes = {}
-    for name, entry in json.loads(file.read_text()).items():
+    for name, entry in load_box_entries(file).items():
         try:
-            found = {key: tuple(int(v) for v in entry[key]) for key in ("object", "reference")}
+            found = {key: None if entry[key] is None else tuple(int(v) for v in entry[key]) for key in BOX_KEYS}
         except (KeyError, TypeError, ValueError) as err:
-            raise UsageError(f"{file}: {name} needs object and reference boxes [x0, y0, x1, y1]") from err
+            raise UsageError(f"{file}: {name} needs object and reference boxes [x0, y0, x1, y1] (or null)") from err
         for key, box in found.items():
-            if len(box) != 4 or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3]):
+            if box is not None and (len(box) != 4 or not (0 <= box[0] < box[2] and 0 <= box[1] < box[3])):
                 raise UsageError(f"{file}: {name} has an empty or malformed {key} box {list(box)}")
         boxes[name] = found
     return boxes
+
+
+def write_boxes(file, entries: dict) -> None:
+    """Write a box file atomically (a temporary file beside it renamed into place), entries sorted by name."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dict(sorted(entries.items())), indent=1) + "\n")
+    os.replace(tmp, file)
 
 
 # --- geometry --------------------------------------------------------------------------------------------
@@ -188,15 +243,17 @@ def _area(box: PixelBox) -> int:
     return max(0, box[2] - box[0]) * max(0, box[3] - box[1])
 
 
-def _photo_boxes(photo: Photo, grid: Grid, columns, boxes) -> list[PixelBox] | None:
+def _photo_boxes(photo: Photo, grid: Grid, columns, boxes) -> list[PixelBox | None] | str:
     """The photo's item boxes on the composite: [object, reference] for a left photo, [object] for a right
-    one. Its parts without a box file; else its scaled boxes clipped to their parts, or None when one keeps
-    less than MIN_KEPT_AREA of its area."""
+    one. None for each without a box file; else its scaled boxes clipped to their parts, or why the photo is
+    left out ("not found": a needed box is null, "outside": one keeps less than MIN_KEPT_AREA of its area)."""
     p = grid.pixels_per_token
     parts = [(columns[k] * p, 0, columns[k + 1] * p, grid.height) for k in range(3)]
     wanted = [("object", parts[0]), ("reference", parts[1])] if photo.side == "left" else [("object", parts[2])]
     if boxes is None:
-        return [part for _, part in wanted]
+        return [None for _ in wanted]
+    if any(boxes[photo.path.name][key] is None for key, _ in wanted):
+        return "not found"
     with Image.open(photo.path) as image:
         width, height = image.size
     placed = []
@@ -206,7 +263,7 @@ def _photo_boxes(photo: Photo, grid: Grid, columns, boxes) -> list[PixelBox] | N
                   -(-x1 * grid.width // width), -(-y1 * grid.height // height))
         clipped = (max(scaled[0], part[0]), max(scaled[1], part[1]), min(scaled[2], part[2]), min(scaled[3], part[3]))
         if _area(clipped) < MIN_KEPT_AREA * _area(scaled):
-            return None
+            return "outside"
         placed.append(clipped)
     return placed
 
@@ -225,7 +282,8 @@ def pair_photos(photos: list[Photo]) -> list[tuple[Photo, Photo]]:
 
 def load_composites(cfg: DictConfig) -> list[Composite]:
     """The composites of `cfg.data.whatsup_dir` on `cfg.model`'s grid, with `cfg.setting` (whatsup.yaml): all
-    pairs, or `n_composites` of them drawn with `cfg.seed`, in pair order."""
+    pairs, or `n_composites` of them drawn with `cfg.seed`, in pair order. Item boxes from
+    `cfg.data.whatsup_boxes`, or None without one (module docstring)."""
     setting = Setting.from_config(cfg.setting)
     grid = Grid.from_config(cfg.model.grid)
     columns = part_columns(grid, cfg.setting.cuts)
@@ -243,11 +301,14 @@ def load_composites(cfg: DictConfig) -> list[Composite]:
             raise UsageError(f"data.whatsup_boxes lacks {len(missing)} of the {len(photos)} left/right photos, "
                              f"e.g. {missing[0]}")
     placed = {photo: _photo_boxes(photo, grid, columns, boxes) for photo in photos}
-    dropped = sorted(photo.path.name for photo, found in placed.items() if found is None)
-    if dropped:
-        warnings.warn(f"{len(dropped)} What'sUp photos left out, their boxes fall outside their part at cuts "
-                      f"{list(cfg.setting.cuts)}: {', '.join(dropped[:5])}", stacklevel=2)
-    pairs = [(a, b) for a, b in pair_photos(photos) if placed[a] is not None and placed[b] is not None]
+    why = {"not found": f"a needed box is null (not found by the detector) in {cfg.data.get('whatsup_boxes')}",
+           "outside": f"their boxes fall outside their part at cuts {list(cfg.setting.cuts)}"}
+    for reason, says in why.items():
+        dropped = sorted(photo.path.name for photo, found in placed.items() if found == reason)
+        if dropped:
+            warnings.warn(f"{len(dropped)} What'sUp photos left out, {says}: {', '.join(dropped[:5])}"
+                          f"{', ...' if len(dropped) > 5 else ''}", stacklevel=2)
+    pairs = [(a, b) for a, b in pair_photos(photos) if not isinstance(placed[a], str) and not isinstance(placed[b], str)]
     pairs = _draw(pairs, cfg.setting.get("n_composites"), cfg.seed)
     return [_composite(a, b, setting, grid, columns, placed[a] + placed[b]) for a, b in pairs]
 
@@ -267,7 +328,7 @@ def _draw(pairs: list, n, seed: int) -> list:
 
 def _composite(left: Photo, right: Photo, setting: Setting, grid: Grid, columns, boxes) -> Composite:
     specs = [setting.item(name) for name in (left.object, left.reference, right.object)]
-    items = [Item(spec.name, spec.answer, k, box, covering_token_box(grid, box))
+    items = [Item(spec.name, spec.answer, k, box, None if box is None else covering_token_box(grid, box))
              for k, (spec, box) in enumerate(zip(specs, boxes, strict=True))]
     strips = [(0, columns[k], grid.rows, columns[k + 1]) for k in range(3)]
     composite_id = "_".join(spec.name.replace(" ", "-") for spec in specs)
@@ -339,10 +400,19 @@ def stand_in_photograph(obj: str, relation: str, reference: str, rng: np.random.
     return Image.fromarray(pixels)
 
 
+def stand_in_boxes(combos=STAND_IN_COMBOS) -> dict[str, dict[str, list[int]]]:
+    """The known boxes of the stand-in left_of / right_of photos of `combos`, as a box file's entries (the
+    blocks are drawn exactly there): stand-in ground truth, not a detector's output."""
+    return {f"{obj}_{relation}_{reference}.jpeg": {"object": list(STAND_IN_OBJECT_BOX[SIDE_OF_RELATION[relation]]),
+                                                   "reference": list(STAND_IN_REFERENCE_BOX)}
+            for obj, reference in combos for relation in SIDE_OF_RELATION}
+
+
 def write_stand_in(root, combos=STAND_IN_COMBOS, images: bool = True, seed: int = 0) -> Path:
     """Write controlled_images_dataset.json and controlled_images/*.jpeg under `root` as What'sUp ships them:
-    every (object, reference) of `combos` (names with hyphens) in the four relations. `images=False` writes
-    empty files (enough for pairing, which reads names only). Returns `root`."""
+    every (object, reference) of `combos` (names with hyphens) in the four relations, and `root`/boxes.json,
+    the known boxes of the left_of / right_of photos (stand_in_boxes). `images=False` writes empty files
+    (enough for pairing, which reads names only). Returns `root`."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     (root / "controlled_images").mkdir(parents=True)
@@ -359,25 +429,5 @@ def write_stand_in(root, combos=STAND_IN_COMBOS, images: bool = True, seed: int 
             else:
                 path.touch()
     (root / SUBSETS["controlled_images"]).write_text(json.dumps(entries))
+    write_boxes(root / BOXES_FILE, stand_in_boxes(combos))
     return root
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_gen.whatsup",
-                                     description="Write a stand-in What'sUp Controlled-A directory (tests, demos).")
-    parser.add_argument("command", choices=["stand_in"])
-    parser.add_argument("out", type=Path, help="directory to create (must not exist yet)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.out.exists():
-        print(f"error: {args.out} already exists; give a new directory", file=sys.stderr)
-        return 2
-    write_stand_in(args.out, seed=args.seed)
-    n = len(STAND_IN_COMBOS)
-    print(f"stand-in What'sUp: {4 * n} photos of {n} object-reference combinations -> {args.out} "
-          f"(use data.whatsup_dir={args.out})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
