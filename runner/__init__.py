@@ -55,9 +55,10 @@ def check_setting(cfg: DictConfig) -> None:
                          f"allowed: {', '.join(settings_of(sources))}")
 
 
-def run_unit(cfg: DictConfig) -> Path:
+def run_unit(cfg: DictConfig, get_vlm: Callable | None = None) -> Path:
     """Run `cfg`'s experiment on its model and setting and save the unit; skip a finished one unless
-    cfg.redo. Returns the unit's directory."""
+    cfg.redo. Returns the unit's directory. `get_vlm` loads the model (default: `cfg`'s, on first use); a caller
+    running many units of one model passes one that loads it once."""
     run = experiment_function(cfg)
     check_setting(cfg)
     out = unit_dir(cfg)
@@ -66,7 +67,7 @@ def run_unit(cfg: DictConfig) -> Path:
         return out
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    metrics, arrays = run(cfg, model_loader(cfg))
+    metrics, arrays = run(cfg, get_vlm or model_loader(cfg))
     save_unit(out, metrics, arrays, cfg)
     print(f"{cfg.experiment.name} {cfg.model.name} {cfg.setting.name} -> {out}")
     return out
