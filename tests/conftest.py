@@ -6,9 +6,17 @@ import os
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vlm.cli import CONFIG_DIR
+from vlm.cli import CONFIG_DIR, UsageError
 
 TWINS = ["tiny_qwen2vl", "tiny_gemma3"]
+
+# MARKED until multi-token answer scoring: on Qwen2-VL's real vocabulary (the tiny_qwen2vl twin) nine first tokens
+# are shared between What'sUp answers: `Ban` (Banana, Banjo), `b` (bottle, bowl), `B` (Bottle, Bowl, Bread), `g`/`G`
+# (glasses, glove), `L` (Lamp, Laptop, Lemon), `s` (soda can, sunglasses), `S` (Soda can, Spatula, Sunglasses),
+# `Sc` (Scarf, Scissors), which first-token scoring (vlm.scoring.AnswerScorer) refuses with a UsageError. strict:
+# once scoring handles them these tests pass, and the mark must go. On Gemma 3's vocabulary no first token is shared.
+SHARED_FIRST_TOKEN = pytest.mark.xfail(raises=UsageError, strict=True, reason=(
+    "What'sUp answers share first tokens on Qwen2-VL's vocabulary; first-token scoring refuses them"))
 
 
 def make_cfg(*overrides: str, config_name: str = "config"):

@@ -15,7 +15,7 @@ from data_gen.whatsup import load_splits, write_stand_in
 from probing.probes import fit_probe
 from steering.amplify import amplify, choose, outcome_metrics, random_directions, token_classes
 from steering.run import run
-from tests.conftest import make_cfg
+from tests.conftest import SHARED_FIRST_TOKEN, make_cfg
 from vlm.results import load_unit, unit_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,8 +106,9 @@ def test_whatsup_samples_are_both_directions_of_one_split(stand_in):
     assert not {s.id.split("_", 1)[1] for s in images} & {c.id for c in splits["test"]}
 
 
-def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
-    cfg = make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
+@pytest.mark.parametrize("model", [pytest.param("tiny_qwen2vl", marks=SHARED_FIRST_TOKEN), "tiny_gemma3"])
+def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model):
+    cfg = make_cfg(f"model={model}", "experiment=amplification", f"data.whatsup_dir={stand_in}",
                    f"results_dir={tmp_path / 'results'}", "variants=[predicted,every_class]", *SMALL)
     run(cfg)
     record, arrays = load_unit(unit_dir(cfg, "amplification"))
@@ -136,7 +137,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     table = (out / "table3.md").read_text()
     for label in ("None", "Random amp. (predicted)", "ScalingVis", "AdaptVis", "Ordering amp. (every_class)"):
         assert f"| {label} |" in table
-    assert (out / "table3_tiny_qwen2vl_whatsup_alpha.png").stat().st_size > 0
+    assert (out / f"table3_{model}_whatsup_alpha.png").stat().st_size > 0
     assert len(json.loads((out / "table3.json").read_text())) == 7
 
 

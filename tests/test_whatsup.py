@@ -24,7 +24,7 @@ from data_gen.whatsup import (
     split_composites,
     write_stand_in,
 )
-from tests.conftest import load_twin, make_cfg
+from tests.conftest import SHARED_FIRST_TOKEN, load_twin, make_cfg
 from vlm.cli import UsageError
 from vlm.scoring import AnswerScorer
 
@@ -44,15 +44,6 @@ REAL_COMBOS = {
     "table": "ball-of-yarn banana book bottle bowl cap cup dog dragonfruit helmet kettle knife lamp lemon mug "
              "orange painting phone pillow plant plate scarf scissors spatula sunglasses toilet-roll wineglass",
 }
-
-
-# MARKED until multi-token answer scoring: on Qwen2-VL's real vocabulary (the tiny_qwen2vl twin) nine first tokens
-# are shared between What'sUp answers: `Ban` (Banana, Banjo), `b` (bottle, bowl), `B` (Bottle, Bowl, Bread), `g`/`G`
-# (glasses, glove), `L` (Lamp, Laptop, Lemon), `s` (soda can, sunglasses), `S` (Soda can, Spatula, Sunglasses),
-# `Sc` (Scarf, Scissors), which first-token scoring (vlm.scoring.AnswerScorer) refuses with a UsageError. strict:
-# once scoring handles them these tests pass, and the mark must go. On Gemma 3's vocabulary no first token is shared.
-SHARED_FIRST_TOKEN = pytest.mark.xfail(raises=UsageError, strict=True, reason=(
-    "What'sUp answers share first tokens on Qwen2-VL's vocabulary; first-token scoring refuses them"))
 
 
 def write_dataset(root, combos=COMBOS, images=True, seed=0):
