@@ -142,7 +142,7 @@ def test_a_loaded_tokenizer_without_template_gets_the_repositorys(twin, tmp_path
     template from vlm/chat_templates/ when loaded."""
     from vlm.models import load_model
 
-    source = Path(make_cfg(f"model={twin.name}").model.path)
+    source = Path(make_cfg(f"model={twin.name}").model.path).resolve()     # links must not be relative
     local = tmp_path / twin.name
     local.mkdir()
     for item in source.iterdir():
