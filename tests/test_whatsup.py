@@ -97,9 +97,6 @@ def test_real_controlled_a_gives_3612_composites_and_every_name_is_an_item(tmp_p
     assert len(pair_photos(read_photos(root))) == 31 * 30 + 45 * 44 + 27 * 26 == 3612
     composites = load_composites(cfg_for(root, "tiny_qwen2vl", "setting.n_composites=1074"))
     assert len(composites) == 1074 and len({c.id for c in composites}) == 1074
-    setting = Setting.from_config(make_cfg("setting=whatsup").setting)
-    for model in ("tiny_qwen2vl", "tiny_gemma3"):          # answers must start with distinct tokens
-        AnswerScorer(load_twin(model).tokenizer, setting.candidates)
 
 
 def color_mask(image: Image.Image, color, tolerance=60) -> np.ndarray:
@@ -256,13 +253,19 @@ def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path
         assert strip[1] <= item.token_box[1] and item.token_box[3] <= strip[3]
 
 
-def test_whatsup_prompts_run_on_the_twins(twin, dataset):
+@pytest.mark.parametrize("model,first_token_rule", [("tiny_qwen2vl", False), ("tiny_gemma3", True)])
+def test_every_whatsup_answer_gets_a_score_on_both_real_vocabularies(dataset, model, first_token_rule):
+    """On Qwen2-VL's vocabulary nine first tokens are shared between What'sUp answers (`Ban`: Banana, Banjo; `Sc`:
+    Scarf, Scissors; ...), so every answer is scored whole; on Gemma 3's none is, and the first token decides."""
+    twin = load_twin(model)
     cfg = cfg_for(dataset, twin.name)
     setting = Setting.from_config(cfg.setting)
+    scorer = AnswerScorer(twin.tokenizer, setting.candidates)
+    assert len(setting.candidates) == 61 and scorer.exact == first_token_rule
     samples = composite_samples(load_composites(cfg)[0], setting)
     inputs = twin.encode([s.image for s in samples], [s.prompt for s in samples])
-    probabilities, _ = candidate_probabilities(twin, AnswerScorer(twin.tokenizer, setting.candidates), inputs)
-    assert probabilities.shape == (2, len(setting.candidates)) and bool(probabilities.isfinite().all())
+    probabilities, _ = candidate_probabilities(twin, scorer, inputs)
+    assert probabilities.shape == (2, 61) and bool((probabilities > 0).all()) and bool(probabilities.isfinite().all())
 
 
 # --- the patching figures' What'sUp panels ----------------------------------------------------------------------
