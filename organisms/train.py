@@ -1,5 +1,5 @@
 """Train the model organism: a small Qwen2VLForConditionalGeneration (a few-layer vision tower and LM, the
-real 336 x 336 input and 12 x 12 visual grid, the twins' word-level tokenizer) trained from scratch on the
+real 336 x 336 input and 12 x 12 visual grid, the word-level tokenizer of vlm/twins.py) trained from scratch on the
 synthetic settings' questions, so that the experiments have a real mechanism to find on a laptop.
 
     python -m organisms.train                                   # configs/organism.yaml -> organisms/organism/

@@ -17,9 +17,10 @@ from tqdm import tqdm
 from accuracy.experiment import accuracy_metrics
 from common.errors import UsageError, check_choice
 from common.geometry import Grid, token_indices
-from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.render import random_samples
+from data_gen.samples import setting_last_token_pairs, setting_mirror_pairs, setting_source
 from data_gen.settings import Setting
+from data_gen.whatsup import require_boxes
 from patching.ablation import Ablator
 from patching.engine import PairInput, PatchingEngine, PatchPlan
 from patching.interventions import VISUAL
@@ -38,11 +39,16 @@ def sweep_sites(vlm: VLM, cfg: DictConfig) -> list:
 
 def mirror_plan(grid: Grid, pair, region: str) -> PatchPlan:
     """Clean left <- mirror's right and clean right <- mirror's left, over the side items' own tokens or their
-    strips (both sides keep their boxes in the mirror, so the two regions have the same shape)."""
+    strips, token for token in row-major order: a synthetic mirror keeps both boxes in place, a What'sUp mirror
+    image has the mirrored boxes, which have the same shapes."""
     check_choice("patching region", region, REGIONS)
-    boxes = [item.token_box for item in pair.clean.items] if region == "items" else pair.clean.strips
-    first, last = token_indices(grid, boxes[0]), token_indices(grid, boxes[2])
-    return PatchPlan(first + last, last + first)
+
+    def regions(sample):
+        return [item.token_box for item in sample.items] if region == "items" else sample.strips
+
+    clean, mirror = regions(pair.clean), regions(pair.counterfactual)
+    first, last = token_indices(grid, clean[0]), token_indices(grid, clean[2])
+    return PatchPlan(first + last, token_indices(grid, mirror[2]) + token_indices(grid, mirror[0]))
 
 
 def summarize(sites: list, per_pair: dict[str, np.ndarray], clean: dict, counterfactual: dict) -> dict:
@@ -97,8 +103,7 @@ def last_token(cfg: DictConfig, get_vlm):
     check_choice("patch_position", cfg.patch_position, PATCH_POSITIONS)
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    pairs = last_token_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations),
-                             cfg.counterfactual)
+    pairs = setting_last_token_pairs(cfg)
     plans = [PatchPlan(from_end=prompt_end_offset(vlm, pair, cfg.patch_position)) for pair in pairs]
     metrics, arrays = sweep(vlm, scorer, pairs, plans, sweep_sites(vlm, cfg), cfg, desc=f"last_token {setting.name}")
     metrics["counterfactual"], metrics["patch_position"] = cfg.counterfactual, cfg.patch_position
@@ -121,9 +126,11 @@ def mirror_patching(cfg: DictConfig, get_vlm):
     """Object, strip and ablated patching (Fig 6, 7, 8): the side items' tokens or strips <- the mirror's other
     side, at the visual embeddings and after each layer; with `ablate`, on ablated visual embeddings."""
     check_choice("patching region", cfg.region, REGIONS)
+    if setting_source(cfg) == "whatsup" and cfg.region == "items":
+        require_boxes(cfg, "object patching on What'sUp composites (region=items)")
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    pairs = mirror_pairs(setting, vlm.grid, vlm.layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
+    pairs = setting_mirror_pairs(cfg)
     plans = [mirror_plan(vlm.grid, pair, cfg.region) for pair in pairs]
     visuals = None
     if cfg.ablate:

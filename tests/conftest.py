@@ -10,7 +10,6 @@ from common.cli import CONFIG_DIR
 
 TWINS = ["tiny_qwen2vl", "tiny_gemma3"]
 
-
 def make_cfg(*overrides: str, config_name: str = "config"):
     """The config `python -m ... <overrides>` would see."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

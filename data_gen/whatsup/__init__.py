@@ -63,6 +63,7 @@ from PIL import Image
 
 from common.errors import UsageError, check_choice
 from common.geometry import Grid, PixelBox, TokenBox
+from data_gen.pairs import LastTokenPair, MirrorPair
 from data_gen.render import Item, Sample
 from data_gen.settings import TARGET_POSITION, Setting
 
@@ -350,6 +351,71 @@ def composite_samples(composite: Composite, setting: Setting, directions=DIRECTI
     return samples
 
 
+def mirrored_sample(sample: Sample, grid: Grid, id: str) -> Sample:
+    """`sample` flipped left to right: each object keeps its identity, the order swaps (item 0 becomes item 2),
+    boxes and strips are mirrored, the query stays and so the answer is the other object."""
+    def flip(box, width):
+        return None if box is None else (width - box[2], box[1], width - box[0], box[3])
+
+    def flip_token(box):
+        return None if box is None else (box[0], grid.cols - box[3], box[2], grid.cols - box[1])
+
+    items = [replace(item, position=2 - item.position, pixel_box=flip(item.pixel_box, grid.width),
+                     token_box=flip_token(item.token_box)) for item in reversed(sample.items)]
+    answer = items[TARGET_POSITION[sample.direction]].answer if sample.direction else None
+    return replace(sample, id=id, items=items, strips=[flip_token(strip) for strip in reversed(sample.strips)],
+                   answer=answer, image=sample.image.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+
+
+def whatsup_mirror_pairs(composites: list[Composite], setting: Setting, n: int, seed: int) -> list[MirrorPair]:
+    """`n` mirror pairs of What'sUp composites (object and strip patching, paper App. B.1, B.2): a composite
+    queried left or right (alternating), against the same composite mirrored left to right, same query (its
+    answer is the other object). Composites drawn with `seed`, without repeats while there are enough."""
+    if not composites:
+        raise UsageError("no What'sUp composites to pair: check data.whatsup_dir and setting.n_composites")
+    rng = np.random.default_rng([seed, 3])
+    order = rng.permutation(len(composites))
+    pairs = []
+    for k in range(n):
+        composite = composites[order[k % len(composites)]]
+        clean = composite_samples(composite, setting, (DIRECTIONS[k % 2],))[0]
+        clean = replace(clean, id=f"{clean.id}_{k:04d}_clean")
+        mirror = mirrored_sample(clean, composite.grid, clean.id.replace("_clean", "_mirror"))
+        pairs.append(MirrorPair(clean, mirror, clean.answer, mirror.answer))
+    return pairs
+
+
+def whatsup_last_token_pairs(composites: list[Composite], setting: Setting, n: int, seed: int) -> list[LastTokenPair]:
+    """`n` last-token pairs of What'sUp composites, as the synthetic ones (paper Fig 3): a clean composite
+    (a, m, b) queried towards a, and a counterfactual composite (c, m, e) with the same reference m and two other
+    objects, queried the opposite way. Clean composites drawn with `seed`; each takes the first composite (in a
+    seeded order) that shares its reference and none of its objects; UsageError when none has such a partner."""
+    rng = np.random.default_rng([seed, 4])
+    order = [composites[i] for i in rng.permutation(len(composites))]
+    candidates = []
+    for composite in order:
+        objects = {composite.items[0].name, composite.items[2].name}
+        partner = next((other for other in order if other.items[1].name == composite.items[1].name
+                        and not objects & {other.items[0].name, other.items[2].name}), None)
+        if partner is not None:
+            candidates.append((composite, partner))
+    if not candidates:
+        raise UsageError("no two What'sUp composites share a reference with four different objects: last-token "
+                         "pairs need them (raise setting.n_composites, or use more photographs)")
+    pairs = []
+    for k in range(n):
+        composite, partner = candidates[k % len(candidates)]
+        direction = DIRECTIONS[k % 2]
+        opposite = DIRECTIONS[1 - k % 2]
+        clean = composite_samples(composite, setting, (direction,))[0]
+        counterfactual = composite_samples(partner, setting, (opposite,))[0]
+        clean = replace(clean, id=f"{clean.id}_{k:04d}_clean")
+        counterfactual = replace(counterfactual, id=f"{counterfactual.id}_{k:04d}_counterfactual")
+        ordering = clean.items[TARGET_POSITION[opposite]].answer
+        pairs.append(LastTokenPair(clean, counterfactual, clean.answer, ordering, counterfactual.answer))
+    return pairs
+
+
 def split_composites(composites: list[Composite], fractions: Mapping[str, float], seed: int
                      ) -> dict[str, list[Composite]]:
     """Disjoint splits by composite, sized in proportion to `fractions` (non-negative, summing to 1), drawn
@@ -383,8 +449,9 @@ STAND_IN_OBJECT_BOX = {"left": (15, 60, 41, 90), "right": (119, 60, 145, 90), "o
 STAND_IN_COLORS = {"mug": (230, 20, 20), "cap": (20, 200, 30), "beer-bottle": (30, 60, 230), "bowl": (240, 200, 0),
                    "bottle-of-mustard": (255, 120, 0), "chair": (200, 0, 220), "table": (0, 210, 210)}
 # (object, reference) photographed left of, right of, on and under the reference, as in What'sUp Controlled-A
-STAND_IN_COMBOS = (("mug", "chair"), ("cap", "chair"), ("beer-bottle", "chair"), ("bowl", "table"),
-                   ("bottle-of-mustard", "table"), ("mug", "table"))
+# (five objects with the chair, so that last-token pairs can give a clean composite's reference two other objects)
+STAND_IN_COMBOS = (("mug", "chair"), ("cap", "chair"), ("beer-bottle", "chair"), ("bowl", "chair"),
+                   ("bottle-of-mustard", "chair"), ("bowl", "table"), ("bottle-of-mustard", "table"), ("mug", "table"))
 RELATION_WORDS = {"left_of": "to the left of", "right_of": "to the right of", "on": "on", "under": "under"}
 
 

@@ -29,8 +29,9 @@ class FamilyAdapter:
     name: str
     model_class: type[PreTrainedModel]
     config_class: type[PretrainedConfig]
-    special_tokens: list[str]        # the tiny twin tokenizer's special tokens, in id order
-    tokenizer_roles: dict            # bos/eos/pad/unk (+ extra) token strings of the twin tokenizer
+    special_tokens: list[str]        # the word-level tokenizer's special tokens, in id order (vlm/twins.py; the
+    tokenizer_roles: dict            # organism's), and its bos/eos/pad/unk (+ extra) token strings. The twins use
+                                     # the real tokenizers instead (vlm/vocabularies.py)
     image_token: str                 # the placeholder token repeated once per visual token
     image_inputs: tuple[str, ...] = ("pixel_values",)   # inputs that carry the image itself
 
@@ -67,6 +68,8 @@ class FamilyAdapter:
 
     # --- building the twin / random-init architecture -------------------------------------------
     def chat_template(self) -> str:
+        """The real checkpoint's chat template, byte for byte (vlm/chat_templates/<name>.jinja): the twins' and the
+        fallback for a loaded tokenizer without one."""
         return (CHAT_TEMPLATE_DIR / f"{self.name}.jinja").read_text()
 
     def build_image_processor(self, grid):
