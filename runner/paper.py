@@ -5,14 +5,17 @@
     bash scripts/paper.sh model=gemma3_4b          # one model
     bash scripts/paper.sh data.whatsup_dir=/data/whatsup data.whatsup_boxes=/data/whatsup/boxes.json   # + What'sUp
     bash scripts/paper.sh model=organism device=cpu n=16 n_pairs=4 n_train=12 n_test=6   # a small run
+    bash scripts/paper.sh figures=fig02_last_token,fig07_strip_patching   # only these figures
 
 Each figure is its sweep's grid (configs/sweep/<figure>.yaml: models x settings; `model=` / `setting=` on the
 command line replace the grid's, any other key=value goes to every unit), run unit by unit in this process
 (`runner.run_unit`; a finished unit is skipped, so a stopped run resumes), each model loaded once for all its
 units, then the figure is drawn (figures/<figure>/plot.py). The What'sUp figures (Table 1's What'sUp column,
-Fig 33-35, Table 3) run when `data.whatsup_dir` is given.
+the patching figures' What'sUp panels, Fig 33-35, Table 3) run when `data.whatsup_dir` is given (with
+`data.whatsup_boxes` for those that need boxes).
 
-Afterwards, per figure: wall time, patched runs per second (patching figures) and peak GPU memory, in
+Figures are drawn into figures/<figure>/out, or <figures_dir>/<figure>/ with `figures_dir=DIR`. Afterwards, per
+figure: wall time, patched runs per second (patching figures) and peak GPU memory, in
 <results_dir>/timings.json and as a table in the log. `--dry-run` prints, per figure, its units (and how many
 are done) and the forward passes they make, computed from each unit's config (`unit_passes`): full forwards
 (image and prompt through the vision tower and the LM), vision-only passes (embeddings) and patched runs.
@@ -48,6 +51,9 @@ FIGURES = [
     ("fig04_probes", [], False),
     ("fig31_grid_probes", [], False),
     ("table1_accuracy", ["setting=whatsup"], True),
+    ("fig02_last_token", ["setting=whatsup"], True),
+    ("fig07_strip_patching", ["setting=whatsup"], True),
+    ("fig06_object_patching", ["setting=whatsup"], True),
     ("fig33_whatsup_probes", [], True),
     ("table3_amplification", [], True),
 ]
@@ -77,11 +83,16 @@ def plan(args: list[str]) -> list[Figure]:
         given[split[0]] = arg
     grid_given = {key: sweep_values(given[key].partition("=")[2]) or [given[key].partition("=")[2]]
                   for key in GRID_KEYS if key in given}
-    rest = [arg for key, arg in given.items() if key not in GRID_KEYS]
+    rest = [arg for key, arg in given.items() if key not in (*GRID_KEYS, "figures_dir", "figures")]
+    chosen = given["figures"].partition("=")[2].split(",") if "figures" in given else None
+    names = {name for name, _, _ in FIGURES}
+    for name in chosen or []:
+        if name not in names:
+            raise UsageError(f"figures={name}: no such figure; allowed: {', '.join(sorted(names))}")
     whatsup = given.get("data.whatsup_dir", "data.whatsup_dir=null").partition("=")[2] not in ("", "null", "None")
     figures = []
     for name, extra, needs_whatsup in FIGURES:
-        if needs_whatsup and not whatsup:
+        if (needs_whatsup and not whatsup) or (chosen and name not in chosen):
             continue
         swept = compose_cfg([f"sweep={name}", *extra], hydra_node=True)
         grid = {key: str(value).split(",") for key, value in swept.hydra.sweeper.params.items()}
@@ -216,8 +227,9 @@ class _Loader:
         return self.loaded[0]
 
 
-def run(figures: list[Figure], results_dir: str) -> dict:
-    """Run every unit (each model loaded once), draw every figure, and return the timings."""
+def run(figures: list[Figure], results_dir: str, figures_dir: Path) -> dict:
+    """Run every unit (each model loaded once), draw every figure into figures_dir/<figure>/, and return the
+    timings."""
     timings = {}
     cuda = torch.cuda.is_available()
     by_model: dict[str, list[tuple[Figure, DictConfig]]] = {}
@@ -256,8 +268,8 @@ def run(figures: list[Figure], results_dir: str) -> dict:
         entry["patched_runs_per_s"] = entry["patched_runs"] / entry["wall_s"] if entry["patched_runs"] else None
         start = time.perf_counter()
         plot = REPO_DIR / "figures" / figure.name / "plot.py"
-        done = subprocess.run([sys.executable, str(plot), "--results", results_dir,
-                               "--out", str(REPO_DIR / "figures" / figure.name / "out")])
+        out = figures_dir / figure.name if figures_dir else REPO_DIR / "figures" / figure.name / "out"
+        done = subprocess.run([sys.executable, str(plot), "--results", results_dir, "--out", str(out)])
         entry["plot_s"] = time.perf_counter() - start
         if done.returncode != 0:
             raise UsageError(f"figures/{figure.name}/plot.py failed (exit {done.returncode})")
@@ -291,7 +303,8 @@ def main(argv: list[str]) -> int:
             return 0
         results_dir = str(figures[0].units[0].results_dir) if figures else "results"
         started = time.perf_counter()
-        timings = run(figures, results_dir)
+        figures_dir = next((Path(a.partition("=")[2]) for a in args if a.startswith("figures_dir=")), None)
+        timings = run(figures, results_dir, figures_dir)
         timings["_total_s"] = time.perf_counter() - started
         timings["_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         timings["_args"] = args

@@ -4,6 +4,9 @@
 # repository), on CPU, offline. Results under demo/results, figures under demo/figures. Extra arguments go to
 # every figure (e.g. model=tiny_qwen2vl,tiny_gemma3 for the untrained twins).
 set -euo pipefail
+# idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads make torch many
+# times slower (docs/performance.md)
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 common=(model=organism results_dir=demo/results device=cpu "$@")

@@ -10,4 +10,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}   # CPU runs on a shared machine (docs/performance.md)
 exec "$PY" -m runner.paper "$@"

@@ -182,7 +182,8 @@ class FamilyAdapter:
         return DynamicCache()
 
     def is_cache(self, value) -> bool:
-        return isinstance(value, Cache) or hasattr(value, "update") and not isinstance(value, torch.Tensor)
+        """Whether a decoder layer's argument is the model's KV cache (replaced by the replay's own)."""
+        return isinstance(value, Cache) or (hasattr(value, "update") and hasattr(value, "get_seq_length"))
 
     def cache_tensors(self, cache: Cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per decoder layer, the (batch, kv_heads, L, head_dim) keys and values a forward left in `cache`."""

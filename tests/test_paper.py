@@ -1,0 +1,49 @@
+"""The whole-paper command (runner/paper.py): its plan and pass counts, and a run of two figures on the organism."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from runner.paper import main, plan, unit_passes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_plan_covers_every_figure_and_counts_passes_from_the_configs():
+    figures = plan(["model=organism", "n_pairs=3", "device=cpu"])
+    names = [figure.name for figure in figures]
+    assert names[:8] == ["table1_accuracy", "fig02_last_token", "fig06_object_patching", "fig07_strip_patching",
+                         "table2_ablation", "fig08_ablated_patching", "fig04_probes", "fig31_grid_probes"]
+    last_token = figures[1].units[0]
+    assert last_token.model.name == "organism" and len(figures[1].units) == 3       # squares, shapes, objects
+    assert unit_passes(last_token) == {"lm": 6, "vision": 6, "patched": 3 * 4}       # 4 LM layers
+    strip = figures[3].units[0]
+    assert unit_passes(strip)["patched"] == 3 * 5                                   # + the visual embeddings
+    assert all(figure.name not in ("fig33_whatsup_probes", "table3_amplification") for figure in figures)
+    with_whatsup = plan(["model=organism", "data.whatsup_dir=/nowhere", "figures=table3_amplification"])
+    assert [figure.name for figure in with_whatsup] == ["table3_amplification"]
+    assert unit_passes(with_whatsup[0].units[0])["lm"] > 100_000 // 2
+
+
+def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    assert main(["--dry-run", "model=organism", f"results_dir={tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "fig07_strip_patching" in out and "patched runs" in out and "0/3 done" in out
+    assert not any(tmp_path.iterdir())
+    assert main(["--dry-run", "figures=fig99"]) == 2
+
+
+def test_two_figures_run_resume_and_time(tmp_path):
+    args = [sys.executable, "-m", "runner.paper", "model=organism", "device=cpu", f"results_dir={tmp_path / 'r'}",
+            f"figures_dir={tmp_path / 'f'}", "figures=fig02_last_token,table1_accuracy", "setting=squares",
+            "n=4", "n_pairs=1", "layers=[0,3]"]
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    timings = json.loads((tmp_path / "r" / "timings.json").read_text())
+    assert timings["fig02_last_token"]["units_run"] == 1 and timings["fig02_last_token"]["patched_runs"] == 2
+    assert timings["fig02_last_token"]["patched_runs_per_s"] > 0
+    assert (tmp_path / "f" / "fig02_last_token").is_dir() and "total" in done.stdout
+    again = subprocess.run(args, cwd=REPO, capture_output=True, text=True)       # finished units are skipped
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "r" / "timings.json").read_text())["fig02_last_token"]["units_run"] == 0
