@@ -39,6 +39,7 @@ from vlm.scoring import AnswerScorer
 METHODS = ("naive", "engine", "floor")
 SWEEPS = ("last_token", "strip")
 TARGETS = {"last_token": (10.0, 0.3), "strip": (5.0, 1.5)}   # (speed-up over naive at least, ratio to floor at most)
+REAL_DEPTH = 24     # the targets are checked on models this deep or deeper (Qwen2-VL-7B: 28, Gemma-3-4b: 34)
 
 
 def _sync(vlm: VLM) -> None:
@@ -204,8 +205,14 @@ def report(figures: dict) -> str:
         target = row["targets"]
         speed_ok = row["speedup_over_naive"] >= target["speedup_over_naive_at_least"]
         floor_ok = row["ratio_to_floor"] <= target["ratio_to_floor_at_most"]
-        lines.append(f"  engine speed-up over naive: {row['speedup_over_naive']:.1f}x "
-                     f"(target >= {target['speedup_over_naive_at_least']:g}x: {'met' if speed_ok else 'NOT met'}); "
-                     f"engine / floor: {row['ratio_to_floor']:.2f}x "
-                     f"(target <= {target['ratio_to_floor_at_most']:g}x: {'met' if floor_ok else 'NOT met'})")
+        verdict = figures["layers"] >= REAL_DEPTH
+        lines.append(f"  engine speed-up over naive: {row['speedup_over_naive']:.1f}x"
+                     + (f" (target >= {target['speedup_over_naive_at_least']:g}x: {'met' if speed_ok else 'NOT met'})"
+                        if verdict else "")
+                     + f"; engine / floor: {row['ratio_to_floor']:.2f}x"
+                     + (f" (target <= {target['ratio_to_floor_at_most']:g}x: {'met' if floor_ok else 'NOT met'})"
+                        if verdict else ""))
+    if figures["layers"] < REAL_DEPTH:
+        lines.append(f"  (targets are set for real LM depths, {REAL_DEPTH}+ layers: with {figures['layers']}, a pair's two "
+                     f"full forwards weigh as much as its few patched runs)")
     return "\n".join(lines)

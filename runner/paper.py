@@ -8,7 +8,8 @@
     bash scripts/paper.sh figures=fig02_last_token,fig07_strip_patching   # only these figures
 
 Each figure is its sweep's grid (configs/sweep/<figure>.yaml: models x settings; `model=` / `setting=` on the
-command line replace the grid's, any other key=value goes to every unit), run unit by unit in this process
+command line replace the grid's, any other key=value goes to every unit that has the key: n_pairs to the
+patching figures, n to the accuracy and ablation tables, ...), run unit by unit in this process
 (`runner.run_unit`; a finished unit is skipped, so a stopped run resumes), each model loaded once for all its
 units, then the figure is drawn (figures/<figure>/plot.py). The What'sUp figures (Table 1's What'sUp column,
 the patching figures' What'sUp panels, Fig 33-35, Table 3) run when `data.whatsup_dir` is given (with
@@ -90,6 +91,9 @@ def plan(args: list[str]) -> list[Figure]:
         if name not in names:
             raise UsageError(f"figures={name}: no such figure; allowed: {', '.join(sorted(names))}")
     whatsup = given.get("data.whatsup_dir", "data.whatsup_dir=null").partition("=")[2] not in ("", "null", "None")
+    overrides = {key: OmegaConf.select(OmegaConf.from_dotlist([arg]), key)
+                 for key, arg in ((a.partition("=")[0], a) for a in rest)}
+    used: set[str] = set()
     figures = []
     for name, extra, needs_whatsup in FIGURES:
         if (needs_whatsup and not whatsup) or (chosen and name not in chosen):
@@ -104,9 +108,20 @@ def plan(args: list[str]) -> list[Figure]:
         figure = Figure(name, label=name + (" (What'sUp)" if extra else ""))
         for model in grid["model"]:
             for setting in grid["setting"]:
-                figure.units.append(compose_cfg([f"sweep={name}", f"model={model}", f"setting={setting}", *rest]))
+                cfg = compose_cfg([f"sweep={name}", f"model={model}", f"setting={setting}"])
+                for key, value in overrides.items():       # each key where the unit has it (n_pairs, n, ...)
+                    if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+                        OmegaConf.update(cfg, key, value, merge=False)
+                        used.add(key)
+                figure.units.append(cfg)
         figures.append(figure)
+    unused = sorted(set(overrides) - used)
+    if unused and figures:
+        raise UsageError(f"{', '.join(unused)}: no unit of these figures has such a key")
     return figures
+
+
+_ABSENT = object()
 
 
 def whatsup_split_sizes(cfg: DictConfig) -> dict[str, int] | None:

@@ -28,9 +28,10 @@ whatsup=("data.whatsup_dir=$stand_in" "data.whatsup_boxes=$stand_in/boxes.json" 
 figure table1_accuracy setting=whatsup "data.whatsup_dir=$stand_in"     # accuracy needs no boxes
 # the patching figures' What'sUp panels (paper App. B.1, B.2): last-token pairs of composites, strip and object
 # patching against the mirrored composite
-figure fig02_last_token setting=whatsup "${whatsup[@]}" n_pairs=24
-figure fig07_strip_patching setting=whatsup "${whatsup[@]}" n_pairs=24
-figure fig06_object_patching setting=whatsup "${whatsup[@]}" n_pairs=24
+panels=("data.whatsup_dir=$stand_in" "data.whatsup_boxes=$stand_in/boxes.json")    # no embeddings: no probes
+figure fig02_last_token setting=whatsup "${panels[@]}" n_pairs=24
+figure fig07_strip_patching setting=whatsup "${panels[@]}" n_pairs=24
+figure fig06_object_patching setting=whatsup "${panels[@]}" n_pairs=24
 figure fig33_whatsup_probes "${whatsup[@]}"
 figure table3_amplification "${whatsup[@]}" 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
   'adaptvis.thresholds=[0.5]'
