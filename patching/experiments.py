@@ -101,9 +101,9 @@ def last_token(cfg: DictConfig, get_vlm):
     if cfg.patch_visual:
         raise UsageError("last_token patches the last position, which is not a visual token: set patch_visual=false")
     check_choice("patch_position", cfg.patch_position, PATCH_POSITIONS)
+    pairs = setting_last_token_pairs(cfg)              # bad data is refused before the model loads
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    pairs = setting_last_token_pairs(cfg)
     plans = [PatchPlan(from_end=prompt_end_offset(vlm, pair, cfg.patch_position)) for pair in pairs]
     metrics, arrays = sweep(vlm, scorer, pairs, plans, sweep_sites(vlm, cfg), cfg, desc=f"last_token {setting.name}")
     metrics["counterfactual"], metrics["patch_position"] = cfg.counterfactual, cfg.patch_position
@@ -128,9 +128,9 @@ def mirror_patching(cfg: DictConfig, get_vlm):
     check_choice("patching region", cfg.region, REGIONS)
     if setting_source(cfg) == "whatsup" and cfg.region == "items":
         require_boxes(cfg, "object patching on What'sUp composites (region=items)")
+    pairs = setting_mirror_pairs(cfg)                  # bad data is refused before the model loads
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
-    pairs = setting_mirror_pairs(cfg)
     plans = [mirror_plan(vlm.grid, pair, cfg.region) for pair in pairs]
     visuals = None
     if cfg.ablate:

@@ -134,7 +134,8 @@ def test_ablated_patching_has_layer_sites_only(twin):
     (["experiment=last_token", "n_pairs=1", "layers=[0,99]"], "layer 99"),
     (["experiment=last_token", "n_pairs=1", "patch_visual=true"], "patch_visual"),
     (["experiment=no_such_experiment"], "no_such_experiment"),
-    (["experiment=last_token", "setting=whatsup"], "does not run on setting"),
+    (["experiment=ablation", "setting=whatsup"], "does not run on setting"),
+    (["experiment=last_token", "setting=whatsup"], "data.whatsup_dir is not set"),
     (["experiment=object_patching", "n_pairs=1", "region=diagonal"], "diagonal"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):

@@ -98,7 +98,7 @@ def test_the_organism_reads_order_from_token_positions(organism):
 
     def answers(edit=None):
         with torch.no_grad(), edit_visual_tokens(organism, edit or (lambda tokens: None)):
-            return [scorer.candidates[i] for i in scorer.predict(organism.last_logits(inputs)).tolist()]
+            return [scorer.candidates[i] for i in scorer.probabilities(organism.last_logits(inputs)).argmax(-1).tolist()]
 
     assert np.mean([a == p.clean_answer for a, p in zip(answers(), pairs, strict=True)]) >= 0.9
     assert np.mean([a == p.swapped_answer for a, p in zip(answers(mirrored), pairs, strict=True)]) >= 0.9

