@@ -95,6 +95,41 @@ def test_engine_equals_naive_loop_on_every_sweep(model):
     assert moved > 100 * differs and (moved > 0.1 or model.name != "organism")
 
 
+class LogitEngine(PatchingEngine):
+    """An engine that keeps the logits of every batch of runs it scores."""
+
+    def candidates(self, runs):
+        self.logits.append(runs.logits.cpu())
+        return super().candidates(runs)
+
+
+def test_engine_logits_equal_naive_logits(model):
+    """The same equality on the next-token logits themselves (on the twins' real vocabularies a candidate's
+    probability is tiny, so logits say more): every layer, last token and strips."""
+    setting = squares(model)
+    scorer = AnswerScorer(model.tokenizer, setting.candidates)
+    last = last_token_pairs(setting, model.grid, model.layout, 1, 3)[0]
+    mirror = mirror_pairs(setting, model.grid, model.layout, 1, 0)[0]
+    for pair, plan, sites in ((last, PatchPlan(), site_names(model)[1:]),
+                              (mirror, mirror_plan(model.grid, mirror, "strips"), site_names(model))):
+        engine = LogitEngine(model, scorer, batch_size=2)
+        engine.logits = []
+        engine.run_pair(pair.clean, pair.counterfactual, plan, sites)
+        patched = torch.cat(engine.logits[1:])            # [0]: the unpatched clean and counterfactual runs
+        clean_in = model.encode([pair.clean.image], [pair.clean.prompt])
+        cf_in = model.encode([pair.counterfactual.image], [pair.counterfactual.prompt])
+        dst, src = plan.positions(model, clean_in["input_ids"], cf_in["input_ids"])
+        with read_sites(model, sites) as acts:
+            cf_logits = model.last_logits(cf_in)
+        reference = []
+        for site in sites:
+            with naive_patch(model, plan, site, acts[site], dst, src):
+                reference.append(model.last_logits(clean_in))
+        torch.testing.assert_close(patched, torch.cat(reference), rtol=1e-5, atol=5e-5)
+        torch.testing.assert_close(engine.logits[0], torch.cat([model.last_logits(clean_in), cf_logits]),
+                                   rtol=1e-5, atol=5e-5)
+
+
 def test_gemma_image_block_is_never_split(model):
     """Gemma 3's image tokens attend to each other both ways, so a patched visual token changes the image tokens
     before it too: the shared prefix stops where the image starts. Qwen2-VL is causal: it stops at the token."""
