@@ -24,16 +24,15 @@ figure fig31_grid_probes embeddings_dir=demo/embeddings
 # `python -m data_gen.whatsup boxes data.whatsup_dir=DIR`). The probes and Table 3 train on the boxes' tokens.
 stand_in=demo/whatsup_stand_in
 [ -f "$stand_in/boxes.json" ] || { rm -rf "$stand_in"; "$PY" -m data_gen.whatsup stand_in "data.whatsup_dir=$stand_in"; }
-whatsup=("data.whatsup_dir=$stand_in" "data.whatsup_boxes=$stand_in/boxes.json" embeddings_dir=demo/embeddings)
+whatsup=("data.whatsup_dir=$stand_in" "data.whatsup_boxes=$stand_in/boxes.json")
 figure table1_accuracy setting=whatsup "data.whatsup_dir=$stand_in"     # accuracy needs no boxes
 # the patching figures' What'sUp panels (paper App. B.1, B.2): last-token pairs of composites, strip and object
 # patching against the mirrored composite
-panels=("data.whatsup_dir=$stand_in" "data.whatsup_boxes=$stand_in/boxes.json")    # no embeddings: no probes
-figure fig02_last_token setting=whatsup "${panels[@]}" n_pairs=24
-figure fig07_strip_patching setting=whatsup "${panels[@]}" n_pairs=24
-figure fig06_object_patching setting=whatsup "${panels[@]}" n_pairs=24
-figure fig33_whatsup_probes "${whatsup[@]}"
-figure table3_amplification "${whatsup[@]}" 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
+figure fig02_last_token setting=whatsup "${whatsup[@]}" n_pairs=24
+figure fig07_strip_patching setting=whatsup "${whatsup[@]}" n_pairs=24
+figure fig06_object_patching setting=whatsup "${whatsup[@]}" n_pairs=24
+figure fig33_whatsup_probes "${whatsup[@]}" embeddings_dir=demo/embeddings
+figure table3_amplification "${whatsup[@]}" embeddings_dir=demo/embeddings 'alphas=[1,2]' 'random_seeds=[0]' 'scalingvis.coefficients=[0.5,2]' \
   'adaptvis.thresholds=[0.5]'
 "$PY" -m runner experiment=benchmark "${common[@]}" n_pairs=4
 echo "demo finished: results in demo/results, figures in demo/figures"
