@@ -242,10 +242,15 @@ class _Loader:
         return self.loaded[0]
 
 
-def run(figures: list[Figure], results_dir: str, figures_dir: Path) -> dict:
+def run(figures: list[Figure], results_dir: str, figures_dir: Path, timings_path: Path | None = None) -> dict:
     """Run every unit (each model loaded once), draw every figure into figures_dir/<figure>/, and return the
-    timings."""
+    timings, also written to `timings_path` after every unit (a run stopped part-way leaves what it measured)."""
     timings = {}
+
+    def save():
+        if timings_path is not None:
+            timings_path.parent.mkdir(parents=True, exist_ok=True)
+            timings_path.write_text(json.dumps(timings, indent=1))
     cuda = torch.cuda.is_available()
     by_model: dict[str, list[tuple[Figure, DictConfig]]] = {}
     for figure in figures:
@@ -272,6 +277,7 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path) -> dict:
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 entry["peak_gpu_gib"] = max(peak, entry["peak_gpu_gib"] or 0.0)
                 per_model["peak_gpu_gib"] = max(peak, per_model["peak_gpu_gib"] or 0.0)
+            save()
         loader.loaded.clear()
         gc.collect()
         if cuda:
@@ -286,6 +292,7 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path) -> dict:
         out = figures_dir / figure.name if figures_dir else REPO_DIR / "figures" / figure.name / "out"
         done = subprocess.run([sys.executable, str(plot), "--results", results_dir, "--out", str(out)])
         entry["plot_s"] = time.perf_counter() - start
+        save()
         if done.returncode != 0:
             raise UsageError(f"figures/{figure.name}/plot.py failed (exit {done.returncode})")
     return timings
@@ -319,12 +326,11 @@ def main(argv: list[str]) -> int:
         results_dir = str(figures[0].units[0].results_dir) if figures else "results"
         started = time.perf_counter()
         figures_dir = next((Path(a.partition("=")[2]) for a in args if a.startswith("figures_dir=")), None)
-        timings = run(figures, results_dir, figures_dir)
+        path = Path(results_dir) / "timings.json"
+        timings = run(figures, results_dir, figures_dir, path)
         timings["_total_s"] = time.perf_counter() - started
         timings["_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         timings["_args"] = args
-        path = Path(results_dir) / "timings.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(timings, indent=1))
         print(timing_table(timings))
         print(f"timings -> {path}")
