@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from common.errors import UsageError
 
@@ -71,7 +72,10 @@ class Probe:
 def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = True,
               max_iter: int = 1000, seed: int = 0) -> Probe:
     """Fit LogisticRegression(C) on `x` (n, hidden) and labels `y` (n,), after StandardScaler if
-    `standardize`. UsageError when fewer than two classes are present."""
+    `standardize`. UsageError when fewer than two classes are present.
+
+    The fit runs on one BLAS / OpenMP thread: L-BFGS makes hundreds of small vector operations, and on a
+    16-core machine spreading each over 16 threads made a probe unit 3x slower (docs/performance.md)."""
     classes = np.unique(y)
     if len(classes) < 2:
         raise UsageError(f"a probe needs at least two classes in its training tokens, got {classes.tolist()}")
@@ -81,7 +85,8 @@ def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = 
         mean, scale = scaler.mean_, scaler.scale_      # scale_ is 1 where a feature is constant
     else:
         mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit((x - mean) / scale, y)
+    with threadpool_limits(limits=1):
+        model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit((x - mean) / scale, y)
     weight, bias = model.coef_, model.intercept_
     if len(classes) == 2:
         weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
