@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+import runner.paper as paper
 from runner.paper import main, plan, unit_passes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,3 +50,20 @@ def test_two_figures_run_resume_and_time(tmp_path):
     again = subprocess.run(args, cwd=REPO, capture_output=True, text=True)       # finished units are skipped
     assert again.returncode == 0, again.stderr
     assert json.loads((tmp_path / "r" / "timings.json").read_text())["fig02_last_token"]["units_run"] == 0
+
+
+def test_timings_are_written_after_every_unit(tmp_path, monkeypatch):
+    """A run stopped part-way (a time limit, a failing unit) leaves the timings of the units it finished."""
+    figures = plan(["model=organism", "device=cpu", f"results_dir={tmp_path}", "figures=table1_accuracy"])
+    calls = []
+
+    def fake_run_unit(cfg, loader):
+        calls.append(cfg.setting.name)
+        if len(calls) == 2:
+            raise RuntimeError("stopped")
+
+    monkeypatch.setattr(paper, "run_unit", fake_run_unit)
+    with pytest.raises(RuntimeError, match="stopped"):
+        paper.run(figures, str(tmp_path), tmp_path / "f", tmp_path / "timings.json")
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert calls == ["squares", "shapes"] and timings["table1_accuracy"]["units_run"] == 1
