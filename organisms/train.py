@@ -34,7 +34,7 @@ from tqdm import tqdm
 from accuracy.experiment import accuracy_metrics
 from common.cli import CONFIG_DIR, entrypoint
 from common.errors import UsageError, check_choice
-from common.geometry import Grid, Layout, line_boxes, line_offsets, token_indices
+from common.geometry import Grid, Layout, line_boxes, line_offsets, strip_box, token_indices
 from common.results import provenance
 from data_gen.pairs import empty_image, isolated_middle_image
 from data_gen.render import draw_scene
@@ -128,40 +128,53 @@ class VisualMix:
       the model as it is at that step): the visual embeddings carry no order, only where tokens sit;
     - shuffled (probability `shuffle`): the visual tokens permuted at random among the image slots, so where a
       token sits says nothing and only what the vision tower wrote into it carries order;
+    - strips permuted (probability `permute_strips`): the three items' strips (strip patching's regions) change
+      places, each strip's tokens kept in their order, the answer still the drawn image's: where the tokens sit
+      tells a coherent but wrong order, and the LM learns to follow what the tokens carry (strip patching at
+      the visual embeddings then moves the answer, Fig 7);
     - as drawn (otherwise).
     Images not ablated have each item's own tokens replaced by the empty image's with probability `drop_items`
     per item (before any shuffle), so the answer has to come from the tokens around the item."""
 
-    def __init__(self, shuffle: float = 0.0, ablate: float = 0.0, drop_items: float = 0.0):
-        for name, value in (("shuffle", shuffle), ("ablate", ablate), ("drop_items", drop_items)):
+    # the five orders of three strips other than their own (strip at place p <- strip order[p])
+    PERMUTATIONS = ((1, 0, 2), (0, 2, 1), (2, 1, 0), (1, 2, 0), (2, 0, 1))
+
+    def __init__(self, shuffle: float = 0.0, ablate: float = 0.0, drop_items: float = 0.0,
+                 permute_strips: float = 0.0):
+        for name, value in (("shuffle", shuffle), ("ablate", ablate), ("drop_items", drop_items),
+                            ("permute_strips", permute_strips)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"train.{name} must be a probability in [0, 1], got {value}")
-        if shuffle + ablate > 1.0:
-            raise UsageError(f"train.shuffle + train.ablate must be at most 1, got {shuffle} + {ablate}")
-        self.shuffle, self.ablate, self.drop_items = shuffle, ablate, drop_items
+        if shuffle + ablate + permute_strips > 1.0:
+            raise UsageError(f"train.shuffle + train.ablate + train.permute_strips must be at most 1, got "
+                             f"{shuffle} + {ablate} + {permute_strips}")
+        self.shuffle, self.ablate, self.drop_items, self.permute_strips = shuffle, ablate, drop_items, permute_strips
 
     @classmethod
     def from_config(cls, tcfg: DictConfig) -> "VisualMix":
-        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items)
+        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items, tcfg.permute_strips)
 
     def at(self, step: int, ramp_steps: int) -> "VisualMix":
         """The mix at training step `step`: every probability grows linearly from 0 to its own over the first
         `ramp_steps` steps (0: from the start)."""
         scale = min(1.0, step / ramp_steps) if ramp_steps else 1.0
-        return VisualMix(self.shuffle * scale, self.ablate * scale, self.drop_items * scale)
+        return VisualMix(self.shuffle * scale, self.ablate * scale, self.drop_items * scale,
+                         self.permute_strips * scale)
 
     @property
     def active(self) -> bool:
-        return self.shuffle > 0 or self.ablate > 0 or self.drop_items > 0
+        return self.shuffle > 0 or self.ablate > 0 or self.drop_items > 0 or self.permute_strips > 0
 
     def card(self) -> dict:
-        return {"shuffle": self.shuffle, "ablate": self.ablate, "drop_items": self.drop_items}
+        return {"shuffle": self.shuffle, "ablate": self.ablate, "drop_items": self.drop_items,
+                "permute_strips": self.permute_strips}
 
     def apply(self, tokens: torch.Tensor, samples: list, settings: dict, grid: Grid, layout: Layout, embed,
               rng: np.random.Generator) -> torch.Tensor:
         """`tokens` (images, tokens, hidden) of `samples` (one per image) after the mix; `embed(images)` gives
         plain visual embeddings (no gradient) of source images."""
-        modes = rng.choice(3, size=len(samples), p=[self.ablate, self.shuffle, 1.0 - self.ablate - self.shuffle])
+        modes = rng.choice(4, size=len(samples), p=[self.ablate, self.shuffle, self.permute_strips,
+                                                     1.0 - self.ablate - self.shuffle - self.permute_strips])
         dropped = rng.random((len(samples), 3)) < self.drop_items
         dropped[modes == 0] = False
         needs = sorted({s.setting for s, mode, drop in zip(samples, modes, dropped, strict=True)
@@ -192,6 +205,14 @@ class VisualMix:
                 own = own * keep + empty[sample.setting] * (1.0 - keep)
             if mode == 1:
                 own = own[torch.from_numpy(rng.permutation(own.shape[0])).to(own.device)]
+            elif mode == 2:
+                strips = [token_indices(grid, strip_box(grid, layout, item.token_box, sample.orientation))
+                          for item in sample.items]
+                order = self.PERMUTATIONS[rng.integers(len(self.PERMUTATIONS))]
+                index = torch.arange(own.shape[0], device=own.device)
+                for place, source in enumerate(order):
+                    index[strips[place]] = torch.tensor(strips[source], device=own.device)
+                own = own[index]
             out.append(own)
         return torch.stack(out)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from common.errors import UsageError
-from common.geometry import Grid, Layout, token_indices
+from common.geometry import Grid, Layout, strip_box, token_indices
 from data_gen.render import random_samples
 from data_gen.settings import Setting
 from organisms.train import VisualMix, init_residual_branches, init_vision_positions, train
@@ -66,8 +66,19 @@ def test_visual_mix_modes(fresh):
         assert torch.allclose(dropped[k, items], empty[items], atol=1e-6)
         assert torch.equal(dropped[k, rest], tokens[k, rest])
 
-    assert VisualMix(0.5, 0.2, 0.4).at(250, 500).card() == {"shuffle": 0.25, "ablate": 0.1, "drop_items": 0.2}
-    assert VisualMix(0.5, 0.2, 0.4).at(900, 500).card() == {"shuffle": 0.5, "ablate": 0.2, "drop_items": 0.4}
+    permuted = VisualMix(permute_strips=1.0).apply(tokens, samples, settings, fresh.grid, fresh.layout, embed, rng)
+    for k, sample in enumerate(samples):                # each strip's tokens, in order, at another strip's place
+        strips = [token_indices(fresh.grid, strip_box(fresh.grid, fresh.layout, item.token_box, sample.orientation))
+                  for item in sample.items]
+        found = [order for order in VisualMix.PERMUTATIONS
+                 if all(torch.equal(permuted[k, strips[p]], tokens[k, strips[q]]) for p, q in enumerate(order))]
+        assert len(found) == 1
+        outside = sorted(set(range(tokens.shape[1])) - {i for strip in strips for i in strip})
+        assert torch.equal(permuted[k, outside], tokens[k, outside])
+
+    assert VisualMix(0.5, 0.2, 0.4, 0.2).at(250, 500).card() == {"shuffle": 0.25, "ablate": 0.1, "drop_items": 0.2,
+                                                                 "permute_strips": 0.1}
+    assert VisualMix(0.5, 0.2, 0.4).at(900, 500).card()["shuffle"] == 0.5
     with pytest.raises(UsageError, match="at most 1"):
         VisualMix(shuffle=0.7, ablate=0.5)
     with pytest.raises(UsageError, match="drop_items"):
@@ -103,7 +114,8 @@ def test_two_short_phases_save_loadable_models(tmp_path):
     assert card["steps"] == 2 and card["visual_mix"]["shuffle"] == 0.0
     card = train(make_cfg("train.steps=2", "train.mix_ramp_steps=0", *small, f"train.init_from={first}",
                           f"out={second}", config_name="dual_organism"))
-    assert card["visual_mix"] == {"shuffle": 0.5, "ablate": 0.15, "drop_items": 0.3, "ramp_steps": 0}
+    assert card["visual_mix"] == {"shuffle": 0.25, "ablate": 0.15, "drop_items": 0.3, "permute_strips": 0.35,
+                                  "ramp_steps": 0}
     assert json.loads((second / "card.json").read_text())["init_from"] == str(first)
     vlm = load_model(make_cfg("model=dual_organism", f"model.path={second}"))
     assert (vlm.grid.rows, vlm.grid.cols) == (12, 12) and vlm.n_layers == 8
