@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The demo: every experiment, at the paper's sizes for accuracy and probes and 24 pairs per patching sweep, on
-# the model organism (organisms/organism/, a small Qwen2-VL trained on the synthetic settings, shipped in the
-# repository), on CPU, offline. Results under demo/results, figures under demo/figures. Extra arguments go to
-# every figure (e.g. model=tiny_qwen2vl,tiny_gemma3 for the untrained twins).
+# the dual organism (organisms/dual_organism/, a small Gemma 3 trained on the synthetic settings so that order
+# lives in its visual embeddings and in its LM, shipped in the repository), on CPU, offline. Results under
+# demo/results, figures under demo/figures. Extra arguments go to every figure (model=organism for the first,
+# LM-only organism; model=tiny_qwen2vl,tiny_gemma3 for the untrained twins).
 set -euo pipefail
 # idle OpenMP threads sleep instead of spinning: on a CPU shared with other jobs, spinning threads make torch many
 # times slower (docs/performance.md)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
-common=(model=organism results_dir=demo/results device=cpu "$@")
+common=(model=dual_organism results_dir=demo/results device=cpu "$@")
 figure() { local name=$1; shift; bash scripts/figure.sh "$name" "${common[@]}" figures_dir="demo/figures/$name" "$@"; }
 figure table1_accuracy
 figure fig02_last_token n_pairs=24

@@ -100,6 +100,10 @@ class FamilyAdapter:
         """Run the vision tower and projector on the inputs' pixels (the LM does not run)."""
         return model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
+    def image_rows(self, inputs, rows: torch.Tensor) -> dict:
+        """The image inputs (for `image_features`) of rows `rows` of a batch encoding."""
+        return {key: inputs[key][rows] for key in self.image_inputs}
+
     def repeat_inputs(self, inputs, rows: int) -> dict:
         """One example's inputs (batch 1) as `rows` identical rows, without the image itself (the image's
         visual embeddings are passed to the forward instead, see `encoder_outputs`)."""

@@ -91,6 +91,12 @@ class Qwen2VLAdapter(FamilyAdapter):
         return model.model.get_image_features(pixel_values=inputs["pixel_values"],
                                               image_grid_thw=inputs["image_grid_thw"])
 
+    def image_rows(self, inputs, rows):
+        # every row's image patches are rows of pixel_values (one image per row, all of one grid)
+        pixels = inputs["pixel_values"]
+        per_row = pixels.reshape(len(inputs["image_grid_thw"]), -1, pixels.shape[-1])
+        return {"pixel_values": per_row[rows].flatten(0, 1), "image_grid_thw": inputs["image_grid_thw"][rows]}
+
     def continuation_position_ids(self, model, inputs, length):
         # M-RoPE: (3, batch, length); text after the image goes on from the prompt's last (temporal, height,
         # width) position, equal in all three
