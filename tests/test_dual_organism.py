@@ -3,7 +3,6 @@ mode shows the LM what its docstring says, the sin/cos start of SigLIP's positio
 that save a model the loader reads back."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +12,11 @@ from common.errors import UsageError
 from common.geometry import Grid, Layout, strip_box, token_indices
 from data_gen.render import random_samples
 from data_gen.settings import Setting
-from organisms.train import VisualMix, evaluate, init_residual_branches, init_vision_positions, train
+from organisms.train import VisualMix, init_residual_branches, init_vision_positions, train
 from patching.ablation import Ablator
 from patching.experiments import ablation, last_token, mirror_patching
 from probing.run import probes
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, reproduced_card
 from vlm.adapters import ADAPTERS
 from vlm.models import VLM, load_model
 from vlm.twins import build_parts, initialise_zero_weights
@@ -133,14 +132,8 @@ def dual():
 
 
 def test_the_shipped_card_is_reproduced_by_its_evaluate_command():
-    cfg = make_cfg(config_name="dual_organism")
-    card = json.loads((Path(cfg.out) / "card.json").read_text())
-    report = evaluate(cfg)                            # `python -m organisms.train --config-name dual_organism evaluate=true`
-    assert set(report) == set(card["held_out"]) == {"squares", "shapes", "objects"}
-    for name, numbers in card["held_out"].items():
-        assert report[name]["n"] == numbers["n"]
-        assert report[name]["accuracy"] == pytest.approx(numbers["accuracy"])
-        assert report[name]["accuracy"] >= 0.9          # finding 1 (observed 0.99 / 0.99 / 1.00)
+    for name, numbers in reproduced_card("dual_organism").items():  # ... --config-name dual_organism evaluate=true
+        assert numbers["accuracy"] >= 0.9, name       # finding 1 (observed 0.99 / 0.99 / 1.00)
 
 
 def test_position_probes_read_the_items_place(dual, tmp_path):
