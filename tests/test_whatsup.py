@@ -140,9 +140,9 @@ def test_composite_is_token_aligned_and_boxes_hold_their_objects(dataset, model)
 
 
 def test_without_a_box_file_composites_carry_no_boxes_and_box_runs_refuse(dataset):
-    """No box file: no item has a box (never the whole third, SPEC 6), strips are still the parts, the queried
-    samples (accuracy) are made as before, and require_boxes stops the probes in one line saying how to make
-    boxes."""
+    """No box file: no item has a box (a composite's third is never taken for an object's box), strips are still
+    the parts, the queried samples (accuracy) are made as before, and require_boxes stops the probes in one line
+    saying how to make boxes."""
     cfg = cfg_for(dataset)
     composites = load_composites(cfg)
     assert len(composites) == len(expected_pairs(COMBOS))
