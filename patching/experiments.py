@@ -42,11 +42,7 @@ def mirror_plan(grid: Grid, pair, region: str) -> PatchPlan:
     strips, token for token in row-major order: a synthetic mirror keeps both boxes in place, a What'sUp mirror
     image has the mirrored boxes, which have the same shapes."""
     check_choice("patching region", region, REGIONS)
-
-    def regions(sample):
-        return [item.token_box for item in sample.items] if region == "items" else sample.strips
-
-    clean, mirror = regions(pair.clean), regions(pair.counterfactual)
+    clean, mirror = pair.regions(region)
     first, last = token_indices(grid, clean[0]), token_indices(grid, clean[2])
     return PatchPlan(first + last, token_indices(grid, mirror[2]) + token_indices(grid, mirror[0]))
 
@@ -128,7 +124,7 @@ def mirror_patching(cfg: DictConfig, get_vlm):
     check_choice("patching region", cfg.region, REGIONS)
     if setting_source(cfg) == "whatsup" and cfg.region == "items":
         require_boxes(cfg, "object patching on What'sUp composites (region=items)")
-    pairs = setting_mirror_pairs(cfg)                  # bad data is refused before the model loads
+    pairs, whatsup_pairs = setting_mirror_pairs(cfg)   # bad data is refused before the model loads
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     plans = [mirror_plan(vlm.grid, pair, cfg.region) for pair in pairs]
@@ -140,6 +136,8 @@ def mirror_patching(cfg: DictConfig, get_vlm):
     metrics, arrays = sweep(vlm, scorer, pairs, plans, sweep_sites(vlm, cfg), cfg, visuals,
                             desc=f"{cfg.experiment.name} {setting.name}")
     metrics["region"], metrics["ablated"] = cfg.region, bool(cfg.ablate)
+    if whatsup_pairs is not None:       # What'sUp: the mirror used and the composites left out of the pairs
+        metrics["whatsup_pairs"] = whatsup_pairs
     return metrics, arrays
 
 
@@ -162,6 +160,9 @@ def ablation(cfg: DictConfig, get_vlm):
             greedy[name] += scorer.greedy_candidate(logits, scores)
     probs = {k: torch.cat(v).numpy() for k, v in probs.items()}
     metrics = {name: accuracy_metrics(samples, probs[name], scorer.candidates, greedy[name]) for name in probs}
+    # the paper's chance (section 5.3.1: 33.3%, one of the image's three items) and one of the candidates
+    metrics["chance"] = {"items": float(np.mean([1 / len(s.items) for s in samples])),
+                         "candidates": 1 / len(scorer.candidates)}
     arrays = {f"probs_{k}": v.astype(np.float32) for k, v in probs.items()}
     arrays |= {"candidates": np.array(scorer.candidates), "answer": np.array([s.answer for s in samples]),
                "direction": np.array([s.direction for s in samples]),
