@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
@@ -38,7 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 from common.cli import CONFIG_DIR, REPO_DIR, split_override, sweep_values
 from common.errors import UsageError
 from common.results import is_done, unit_dir
+from data_gen.whatsup import split_sizes
 from runner import run_unit
+from steering.run import passes as amplification_passes
 from vlm.models import load_model
 
 # (figure, extra overrides, needs What'sUp data), in the order they run
@@ -127,11 +128,7 @@ _ABSENT = object()
 def whatsup_split_sizes(cfg: DictConfig) -> dict[str, int] | None:
     """Composites per split, as data_gen.whatsup.split_composites cuts `n_composites` (None when it is null)."""
     n = cfg.setting.get("n_composites")
-    if n is None:
-        return None
-    names = list(cfg.setting.splits)
-    bounds = np.round(np.cumsum([float(cfg.setting.splits[k]) for k in names]) * int(n)).astype(int)
-    return dict(zip(names, np.diff([0, *bounds]).tolist(), strict=True))
+    return None if n is None else split_sizes(int(n), cfg.setting.splits)
 
 
 def unit_passes(cfg: DictConfig) -> dict:
@@ -145,7 +142,7 @@ def unit_passes(cfg: DictConfig) -> dict:
     if cfg.get("layers") not in (None, "all"):
         layers = len(cfg.layers)
     sizes = whatsup_split_sizes(cfg) if cfg.setting.get("source") == "whatsup" else None
-    unknown = {"lm": None, "vision": None, "patched": 0}
+    unknown = {"lm": None, "vision": None, "patched": 0, "replayed": 0}
     if exp == "accuracy":
         if cfg.setting.get("source") == "whatsup":
             if sizes is None:
@@ -170,28 +167,14 @@ def unit_passes(cfg: DictConfig) -> dict:
         test = sizes["test"] if cfg.n_test is None else min(int(cfg.n_test), sizes["test"])
         return {"lm": 0, "vision": train + test, "patched": 0}
     if exp == "amplification":
-        if sizes is None:
-            return unknown
-        alphas, seeds = len(list(cfg.alphas)), len(list(cfg.random_seeds))
-
-        def values(v):
-            return [float(x) for x in (v if OmegaConf.is_list(v) else [v])]
-        coefficients = {*values(cfg.scalingvis.coefficients), *values(cfg.adaptvis.weight1),
-                        *values(cfg.adaptvis.weight2)}
-        reweighting = len(values(cfg.image_attention_reweighting.coefficients))
-        per_sample = 1 + alphas * (1 + seeds) + len(coefficients) + reweighting   # none, probe, random, attention
-        evaluated = 2 * (sizes["val"] + sizes["test"])                              # both directions
-        probe = 0 if cfg.probes_from not in (None, "") else (
-            sizes["train"] if cfg.n_train is None else min(int(cfg.n_train), sizes["train"]))
-        return {"lm": evaluated * per_sample + 2 * sizes["train"],     # + the unmodified run on train
-                "vision": evaluated + 2 * sizes["train"] + probe, "patched": 0}
+        return amplification_passes(cfg)
     raise UsageError(f"no pass count for experiment {exp!r} (runner/paper.py, unit_passes)")
 
 
 def total(units: list[DictConfig]) -> dict:
-    out = {"lm": 0, "vision": 0, "patched": 0}
+    out = {"lm": 0, "vision": 0, "patched": 0, "replayed": 0}
     for cfg in units:
-        for key, value in unit_passes(cfg).items():
+        for key, value in {"replayed": 0, **unit_passes(cfg)}.items():
             out[key] = None if value is None or out[key] is None else out[key] + value
     return out
 
@@ -202,8 +185,8 @@ def fmt(value) -> str:
 
 def dry_run(figures: list[Figure]) -> str:
     rows = [f"{'figure':34} {'units':>9} {'LM forwards':>12} {'vision passes':>14} {'patched runs':>13} "
-            f"{'naive LM forwards':>18}"]
-    grand = {"lm": 0, "vision": 0, "patched": 0}
+            f"{'naive LM forwards':>18} {'replayed rows':>14}"]
+    grand = {"lm": 0, "vision": 0, "patched": 0, "replayed": 0}
     for figure in figures:
         done = sum(is_done(unit_dir(cfg)) for cfg in figure.units)
         counts = total(figure.units)
@@ -213,18 +196,21 @@ def dry_run(figures: list[Figure]) -> str:
         if counts["patched"] and naive is not None:
             naive = naive // 2 + counts["patched"]
         rows.append(f"{figure.label:34} {f'{done}/{len(figure.units)} done':>9} {fmt(counts['lm']):>12} "
-                    f"{fmt(counts['vision']):>14} {fmt(counts['patched']):>13} {fmt(naive):>18}")
+                    f"{fmt(counts['vision']):>14} {fmt(counts['patched']):>13} {fmt(naive):>18} "
+                    f"{fmt(counts['replayed']):>14}")
         models = sorted({cfg.model.name for cfg in figure.units})
         settings = sorted({cfg.setting.name for cfg in figure.units})
         rows.append(f"  {' x '.join([','.join(models), ','.join(settings)])}")
     rows.append(f"{'total':34} {'':>9} {fmt(grand['lm']):>12} {fmt(grand['vision']):>14} "
-                f"{fmt(grand['patched']):>13}")
+                f"{fmt(grand['patched']):>13} {'':>18} {fmt(grand['replayed']):>14}")
     rows.append("LM forwards: full-length sequences (image and prompt) through the LM (patching: the clean and "
                 "counterfactual runs, once per pair); vision passes: images through the vision tower (cached "
                 "probe embeddings are not recomputed); patched runs: one per pair and site, each replayed by the "
                 "engine from the layer after its site over the positions from the first patched one "
                 "(docs/performance.md); naive LM forwards: what one full forward per patched run would make "
-                "(the counterfactual once per pair, then every site)")
+                "(the counterfactual once per pair, then every site); replayed rows: Table 3's attention-method "
+                "evaluations replayed at the last query row from a recorded forward (steering/run.py, "
+                "ATTENTION_PASS; counted as LM forwards while they are full forwards)")
     return "\n".join(rows)
 
 

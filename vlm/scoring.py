@@ -9,6 +9,13 @@ sequence of tokens. Two rules, chosen per setting and vocabulary:
   candidate's score is the probability of each whole form, the product of its tokens' probabilities under teacher
   forcing, summed over its distinct forms. The continuation runs on the prompt's cache (`continue_answers`), so
   an intervention on the prompt (a patch, a scaled attention) is in every token's probability.
+  End of answer: when a form's tokens are a prefix of another candidate's form (Qwen2 and Gemma 3: ` bottle`
+  begins ` bottle of mustard` and ` bottle of orange juice`), the shorter form is scored by the probability of
+  stopping there: P(its tokens) x (1 - the probability, at the position after its last token, of the distinct
+  next tokens that continue it into a longer candidate's form), here 1 - P(` of` | ... ` bottle`). The longer
+  form keeps its own whole-sequence probability, so the mass P(` bottle` ...) splits between the candidates
+  without being counted twice, and a prefix no longer wins by being short. The next-token probabilities are read
+  from the longer forms' own teacher-forced rows (their token after the prefix), so the rule costs no forward.
 Answers are never renamed to dodge a tokenizer, and no candidate is refused unless it has no tokens at all or two
 candidates tokenize to the very same sequence.
 """
@@ -67,6 +74,23 @@ class AnswerScorer:
         self.sequence_owner = [i for i, forms in enumerate(self.forms) for form in forms if len(form) > 1]
         # single-token forms: (candidate, token) pairs, scored by their next-token probability alone
         self._singles = [(i, form[0]) for i, forms in enumerate(self.forms) for form in forms if len(form) == 1]
+        self.continuations = self._continuations()
+
+    def _continuations(self) -> dict[tuple[int, ...], list[int]]:
+        """End of answer (module docstring): {form: rows of `sequences`} for every form that is a proper prefix
+        of another candidate's form, one row per distinct next token after the prefix (the first longer form, in
+        `sequences` order, that continues with it). Row r's teacher-forced log-probability at position
+        len(form) - 1 (`continue_answers`) is log P(that token | prompt, form)."""
+        out: dict[tuple[int, ...], list[int]] = {}
+        for i, forms in enumerate(self.forms):
+            for form in forms:
+                rows: dict[int, int] = {}
+                for row, (longer, owner) in enumerate(zip(self.sequences, self.sequence_owner, strict=True)):
+                    if owner != i and len(longer) > len(form) and longer[:len(form)] == form:
+                        rows.setdefault(longer[len(form)], row)
+                if rows:
+                    out[form] = list(rows.values())
+        return out
 
     def index(self, answer: str) -> int:
         return self.candidates.index(answer)
@@ -93,15 +117,30 @@ class AnswerScorer:
             targets[row, :len(form) - 1] = torch.tensor(form[1:])
         return ids, mask, targets
 
+    def stop_probability(self, form: tuple[int, ...], continued: torch.Tensor) -> torch.Tensor | float:
+        """(batch,) probability of ending the answer after `form` rather than going on into a longer candidate's
+        form (module docstring, end of answer): 1 - the summed next-token probabilities of the distinct tokens
+        that continue it, read from `continued` (batch, n, L) at position len(form) - 1; 1.0 when no candidate
+        continues it."""
+        rows = self.continuations.get(form)
+        if not rows:
+            return 1.0
+        going_on = continued[:, rows, len(form) - 1].exp().sum(-1)
+        return (1.0 - going_on).clamp(min=0.0)
+
     def whole_answer_probabilities(self, logits: torch.Tensor, continued: torch.Tensor) -> torch.Tensor:
         """Whole-answer rule: (batch, candidates) from the prompt's next-token `logits` (batch, vocab) and
-        `continued` (batch, n, L), the log-probability of each multi-token form's later tokens (0 past its end)."""
+        `continued` (batch, n, L), the log-probability of each multi-token form's later tokens (0 past its end),
+        as `continue_answers` returns it. A form that begins a longer candidate's form is scored by the
+        probability of stopping after it (end of answer, module docstring)."""
         log_probs = torch.log_softmax(logits.float(), dim=-1)
+        continued = continued.to(logits.device)
         scores = torch.zeros(logits.shape[0], len(self.candidates), device=logits.device)
         for i, token in self._singles:
-            scores[:, i] += log_probs[:, token].exp()
+            scores[:, i] += log_probs[:, token].exp() * self.stop_probability((token,), continued)
         for row, (form, owner) in enumerate(zip(self.sequences, self.sequence_owner, strict=True)):
-            scores[:, owner] += (log_probs[:, form[0]] + continued[:, row].to(logits.device).sum(-1)).exp()
+            whole = (log_probs[:, form[0]] + continued[:, row].sum(-1)).exp()
+            scores[:, owner] += whole * self.stop_probability(form, continued)
         return scores
 
     def greedy_candidate(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> list[str | None]:
