@@ -26,7 +26,12 @@ def test_plan_covers_every_figure_and_counts_passes_from_the_configs():
     assert all(figure.name not in ("fig33_whatsup_probes", "table3_amplification") for figure in figures)
     with_whatsup = plan(["model=organism", "data.whatsup_dir=/nowhere", "figures=table3_amplification"])
     assert [figure.name for figure in with_whatsup] == ["table3_amplification"]
-    assert unit_passes(with_whatsup[0].units[0])["lm"] > 100_000 // 2
+    # Table 3 (steering.run.passes): protocol val_test runs every grid on val (2 x 108 samples x 72 passes: none,
+    # 15 alphas, 15 x 3 random, 6 ScalingVis + 5 reweighting), each method once on test (2 x 322 x 8), none on
+    # train (2 x 644); protocol=paper runs every grid on all 1074 composites
+    assert unit_passes(with_whatsup[0].units[0])["lm"] == 2 * 108 * 72 + 2 * 322 * 8 + 2 * 644 == 21_992
+    paper = plan(["model=organism", "data.whatsup_dir=/nowhere", "figures=table3_amplification", "protocol=paper"])
+    assert unit_passes(paper[0].units[0])["lm"] == 2 * 1074 * 72
 
 
 def test_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
