@@ -195,11 +195,11 @@ def counting(monkeypatch, twin) -> dict:
 @pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
 def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, monkeypatch):
     """protocol=val_test: every grid on val, each method once on test at the value chosen on val; the passes made
-    are the dry run's count (steering.run.passes)."""
+    are the dry run's count (steering.run.passes). 8 of the 26 stand-in composites: train 5, val 1, test 2."""
     twin = load_twin(model)
     cfg = make_cfg(f"model={model}", "experiment=amplification", f"data.whatsup_dir={stand_in}",
                    f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path / 'results'}",
-                   f"embeddings_dir={tmp_path / 'emb'}", "setting.n_composites=26", *SMALL)
+                   f"embeddings_dir={tmp_path / 'emb'}", "setting.n_composites=8", *SMALL)
     counts = counting(monkeypatch, twin)
     run_unit(cfg, lambda: twin)
     assert {key: counts[key] for key in ("lm", "vision")} == {key: passes(cfg)[key] for key in ("lm", "vision")}
@@ -238,11 +238,11 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     np.testing.assert_allclose(metrics["probe"]["direction_norms"], np.linalg.norm(rows, axis=-1), rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(arrays["random_directions"], axis=-1),
                                np.broadcast_to(np.linalg.norm(rows, axis=-1), (2, 3)), rtol=1e-5)
-    # the probe: the first 90 (here all 16) train composites with boxes, tested on 30 (here all 8) of test
+    # the probe: the first 90 (here all 5) train composites with boxes, tested on 30 (here all 2) of test
     composites = metrics["probe"]["composites"]
-    assert composites["train"] == {"n": 16, "with_boxes": 16, "dropped_box_not_found": 0, "dropped_box_outside": 0,
-                                   "used": 16}
-    assert composites["test"]["used"] == 8 and metrics["probe"]["n_train_images"] == 16
+    assert composites["train"] == {"n": 5, "with_boxes": 5, "dropped_box_not_found": 0, "dropped_box_outside": 0,
+                                   "used": 5}
+    assert composites["test"]["used"] == 2 and metrics["probe"]["n_train_images"] == 5
     assert 0 <= metrics["probe"]["test_accuracy"] <= 1 and metrics["probe"]["rows"] == "multinomial"
     # the None row over every composite: train, val and test, both directions each
     every = metrics["none_all_composites"]
@@ -260,21 +260,21 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     assert (f"| AdaptVis | weight1 {chosen['weight1']:g}, weight2 {chosen['weight2']:g}, threshold "
             f"{chosen['threshold']:g} |") in table
     assert f"| ScalingVis | coefficient {metrics['chosen']['scalingvis']['coefficient']:g} |" in table
-    assert "probe (multinomial rows) fit on 16 train composites with boxes" in table
+    assert "probe (multinomial rows) fit on 5 train composites with boxes" in table
     assert (out / f"table3_{model}_whatsup_alpha.png").stat().st_size > 0
     assert len(json.loads((out / "table3.json").read_text())) == 7
     if model != "tiny_qwen2vl":
         return
     # One composite set: the None row over all composites is Table 1's What'sUp column on the same composites
     accuracy = make_cfg(f"model={model}", "experiment=accuracy", "setting=whatsup", f"data.whatsup_dir={stand_in}",
-                        f"data.whatsup_boxes={stand_in / 'boxes.json'}", "split=all", "setting.n_composites=26",
+                        f"data.whatsup_boxes={stand_in / 'boxes.json'}", "split=all", "setting.n_composites=8",
                         f"results_dir={tmp_path / 'results'}")
     table1, table1_arrays = load_unit(run_unit(accuracy, lambda: twin))
     ids = np.concatenate([arrays[f"{s}.sample_id"] for s in ("val", "test")])
     assert set(ids) < set(table1_arrays["sample_id"])
     assert every["accuracy"] == pytest.approx(table1["metrics"]["accuracy"]) and every["n"] == table1["metrics"]["n"]
     # Running a method once at its chosen value gives what the full grid gives at that value
-    test = setting_samples(cfg, "test")[:4]
+    test = setting_samples(cfg, "test")[:2]
     scorer = AnswerScorer(twin.tokenizer, Setting.from_config(cfg.setting).candidates)
     probe = Probe.from_arrays(arrays, "horizontal")
     directions = {"probe": torch.from_numpy(rows.astype(np.float32)),
@@ -282,9 +282,9 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     full, _ = predictions(twin, scorer, test, probe, directions, full_grids(cfg), cfg, desc="full grid")
     for method in ("probe", "scalingvis", "adaptvis", "image_attention_reweighting"):
         k = metrics["grids"][method].index(metrics["chosen"][method])
-        np.testing.assert_array_equal(full[method][k], arrays[f"test.pred.{method}"][0][:4])
+        np.testing.assert_array_equal(full[method][k], arrays[f"test.pred.{method}"][0][:2])
     k = metrics["grids"]["random"].index(metrics["chosen"]["random"])
-    np.testing.assert_array_equal(full["random"][:, k], arrays["test.pred.random"][:, 0, :4])
+    np.testing.assert_array_equal(full["random"][:, k], arrays["test.pred.random"][:, 0, :2])
 
 
 def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp_path, monkeypatch):
@@ -294,7 +294,7 @@ def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp
     twin = load_twin("tiny_qwen2vl")
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
                    f"data.whatsup_boxes={stand_in / 'boxes.json'}", f"results_dir={tmp_path / 'results'}",
-                   f"embeddings_dir={tmp_path / 'emb'}", "setting.n_composites=6", "protocol=paper",
+                   f"embeddings_dir={tmp_path / 'emb'}", "setting.n_composites=4", "protocol=paper",
                    "directions_per_token=all", *TINY)
     counts = counting(monkeypatch, twin)
     run_unit(cfg, lambda: twin)
@@ -302,12 +302,12 @@ def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp
     record, arrays = load_unit(unit_dir(cfg))
     metrics = record["metrics"]
     assert (metrics["grid_split"], metrics["report_split"], list(metrics["splits"])) == ("all", "all", ["all"])
-    assert arrays["all.pred.probe"].shape == (2, 12) and arrays["all.pred.adaptvis"].shape == (2, 12)
+    assert arrays["all.pred.probe"].shape == (2, 8) and arrays["all.pred.adaptvis"].shape == (2, 8)
     for method in ("probe", "random", "scalingvis", "adaptvis", "image_attention_reweighting"):
         curve = metrics["splits"]["all"][method]["curve"]
         k = int(np.argmax([c["accuracy"] for c in curve]))
         assert metrics["table"][method]["accuracy"] == max(c["accuracy"] for c in curve) == curve[k]["accuracy"]
-    assert metrics["none_all_composites"] == {"accuracy": metrics["splits"]["all"]["none"]["accuracy"], "n": 12}
+    assert metrics["none_all_composites"] == {"accuracy": metrics["splits"]["all"]["none"]["accuracy"], "n": 8}
     assert metrics["probe"]["rows"] == "one_vs_rest" and metrics["directions_per_token"] == "all"
     out = tmp_path / "figure"
     done = subprocess.run([sys.executable, "figures/table3_amplification/plot.py", "--results",

@@ -157,24 +157,32 @@ class AnswerScorer:
 
 def continue_answers(vlm, scorer: AnswerScorer, inputs, cache) -> torch.Tensor:
     """(batch, n, L) log-probabilities of every multi-token answer form's later tokens, teacher-forced after each
-    prompt of `inputs` from that prompt's `cache` (past key values of a forward over `inputs`, left untouched)."""
+    prompt of `inputs` from that prompt's `cache` (past key values of a forward over `inputs`, left untouched).
+
+    Forms run in groups of equal length, so no position past a form's end is projected onto the vocabulary (most
+    answers are two tokens: padding every form to the longest made the vocabulary projection several times
+    larger), and each token's log-probability is its logit minus the log-sum-exp over the vocabulary."""
     ids, mask, targets = (t.to(vlm.device) for t in scorer.continuation_inputs())
     batch, n = inputs["input_ids"].shape[0], ids.shape[0]
     out = torch.zeros(batch, n, ids.shape[1], device=vlm.device)
     per_chunk = max(1, MAX_CONTINUATION_ROWS // batch)
     positions = vlm.adapter.continuation_position_ids(vlm.model, inputs, ids.shape[1])     # (..., batch, L)
-    for start in range(0, n, per_chunk):
-        rows = slice(start, start + per_chunk)
-        k = ids[rows].shape[0]
-        expanded = copy.deepcopy(cache)
-        expanded.batch_repeat_interleave(k)              # prompt b's rows are b * k ... b * k + k - 1
-        attention = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), mask[rows].repeat(batch, 1)], 1)
-        logits = vlm.model(input_ids=ids[rows].repeat(batch, 1), attention_mask=attention,
-                           position_ids=positions.repeat_interleave(k, -2), use_cache=False,
-                           **{vlm.adapter.cache_argument(vlm.model): expanded}).logits.float()
-        chunk_targets = targets[rows].repeat(batch, 1)
-        gathered = torch.log_softmax(logits, -1).gather(-1, chunk_targets.clamp(min=0)[..., None])[..., 0]
-        out[:, rows] = torch.where(chunk_targets >= 0, gathered, 0.0).reshape(batch, k, -1)
+    lengths = mask.sum(1)
+    for length in sorted(set(lengths.tolist())):
+        group = (lengths == length).nonzero()[:, 0]
+        for start in range(0, len(group), per_chunk):
+            rows = group[start:start + per_chunk]
+            k = len(rows)
+            expanded = copy.deepcopy(cache)
+            expanded.batch_repeat_interleave(k)              # prompt b's rows are b * k ... b * k + k - 1
+            attention = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0),
+                                   mask[rows, :length].repeat(batch, 1)], 1)
+            logits = vlm.model(input_ids=ids[rows, :length].repeat(batch, 1), attention_mask=attention,
+                               position_ids=positions[..., :length].repeat_interleave(k, -2), use_cache=False,
+                               **{vlm.adapter.cache_argument(vlm.model): expanded}).logits.float()
+            chunk_targets = targets[rows, :length].repeat(batch, 1)                         # (batch * k, length)
+            gathered = logits.gather(-1, chunk_targets[..., None])[..., 0] - logits.logsumexp(-1)
+            out[:, rows, :length] = gathered.reshape(batch, k, length)
     return out
 
 
