@@ -10,7 +10,7 @@
 2. Each batch of samples (both queried directions of a composite) is encoded and its visual embeddings computed
    once; then candidate probabilities are taken for: no intervention; each alpha with the probe directions
    (`directions: probe`, the paper's scale, or `unit`; `directions_per_token: predicted` or `all`); each alpha
-   with random directions of the same norms (per seed); ScalingVis at each coefficient (steering/attention.py:
+   with random directions of the same norms (per seed); ScalingVis at each coefficient (steering/scalingvis.py:
    the authors' operation); AdaptVis at each (weight1, weight2, threshold); the image-attention reweighting (not
    ScalingVis) at each coefficient. Every attention-method evaluation goes through one function,
    `attention_method_probabilities`.
@@ -50,20 +50,15 @@ from steering.amplify import (
     random_directions,
     token_classes,
 )
-from steering.attention import (
-    adaptvis_confidence,
-    adaptvis_rows,
-    choose_coefficients,
-    reweight_image_attention,
-    scale_image_attention,
-)
+from steering.reweighting import reweighting_edits
+from steering.scalingvis import adaptvis_confidence, adaptvis_rows, choose_coefficients, scalingvis_edits
 from vlm.scoring import AnswerScorer, candidate_probabilities, score_samples
 
 EXPERIMENT = "amplification"
 PROTOCOLS = ("val_test", "paper")
 METHODS = ("probe", "random", "scalingvis", "adaptvis", "image_attention_reweighting")
 ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
-REWEIGHTING_QUERIES = ("last", "all")   # steering.attention.QUERIES, not imported here: it loads transformers
+REWEIGHTING_QUERIES = ("last", "all")   # steering.reweighting.QUERIES
 # What one attention-method evaluation costs in the dry run's counts: a full LM forward today. When
 # `attention_method_probabilities` replays the last query row from a recorded forward instead, this becomes
 # "replayed" and passes(cfg) counts those rows apart from the full forwards.
@@ -230,13 +225,12 @@ def attention_method_probabilities(vlm, scorer: AnswerScorer, inputs, visual: to
     `visual` embeddings (batch, tokens, hidden); the answer's later tokens continue unmodified from the prompt's
     cache (vlm.scoring)."""
     check_choice("attention method", method, ATTENTION_METHODS)
+    ids = inputs["input_ids"]
     if method == "image_attention_reweighting":
-        def during():
-            return reweight_image_attention(vlm, inputs, coefficients, layers, queries)
+        edits = reweighting_edits(vlm, ids, coefficients, layers, queries)
     else:
-        def during():
-            return scale_image_attention(vlm, inputs, coefficients, layers)
-    return candidate_probabilities(vlm, scorer, inputs, visual, during)[0]
+        edits = scalingvis_edits(vlm, ids, coefficients, layers)
+    return candidate_probabilities(vlm, scorer, inputs, visual, edits)[0]
 
 
 def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, grids: dict, cfg: DictConfig):

@@ -27,8 +27,8 @@ from steering.amplify import (
     random_directions,
     token_classes,
 )
-from steering.attention import adaptvis_rows, choose_coefficients
 from steering.run import attention_method_probabilities, check_inputs, full_grids, passes, predictions
+from steering.scalingvis import adaptvis_rows, choose_coefficients
 from tests.conftest import load_twin, make_cfg
 from tests.whatsup_helpers import stand_in_dir, without_photos
 from vlm.scoring import AnswerScorer, candidate_probabilities
