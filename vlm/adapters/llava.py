@@ -15,8 +15,9 @@ class LlavaAdapter(FamilyAdapter):
     name = "llava"
     model_class = LlavaForConditionalGeneration
     config_class = LlavaConfig
-    special_tokens = ["<unk>", "<s>", "</s>"]       # the word-level fallback's ids 0-2, as LLaMA's
-    tokenizer_roles = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    special_tokens = ["<unk>", "<s>", "</s>", "<image>", "<pad>"]   # the word-level tokenizer's: LLaMA's ids 0-2
+    tokenizer_roles = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+                       "extra_special_tokens": {"image_token": "<image>"}}
     image_token = "<image>"
 
     def build_image_processor(self, grid):
