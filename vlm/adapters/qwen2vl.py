@@ -46,10 +46,11 @@ class Qwen2VLAdapter(FamilyAdapter):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
         text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+        rest = {k: v for k, v in architecture.items() if k not in ("text_config", "vision_config")}
         return self.config_class(
             text_config=text, vision_config=dict(architecture["vision_config"]),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **rest,
         )
 
     def native_grid(self, architecture):
