@@ -4,6 +4,7 @@ experiment runs on each new twin, every full-size model config builds the publis
 count), and a family config that lacks a piece, a family without an adapter, a model that does not exist or an
 image size the processor would resize off the grid is refused in one line naming it, before any model loads."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from vlm import vocabularies
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
 from vlm.models import load_model
-from vlm.twins import build_parts
+from vlm.twins import build_parts, model_tokenizer
 
 NEW_TWINS = ["tiny_qwen2_5vl", "tiny_qwen3vl", "tiny_llava", "tiny_internvl3"]
 FAMILY_DIR = Path(CONFIG_DIR) / "family"
@@ -40,11 +41,18 @@ PUBLISHED_PARAMETERS = {
 }
 
 
+@functools.cache
+def family_tokenizer(family: str):
+    """The tokenizer a full-size config of `family` builds with (model.init=random), made once per family."""
+    cfg = make_cfg(f"model={next(n for n in PUBLISHED_PARAMETERS if make_cfg(f'model={n}').model.family == family)}")
+    return model_tokenizer(cfg.model, ADAPTERS[family](cfg.model.modules), cfg.system_prompt)
+
+
 def parameters_on_meta(name: str) -> int:
     """The parameters of model config `name` built with model.init=random on the meta device (no memory)."""
     cfg = make_cfg(f"model={name}")
     adapter = ADAPTERS[cfg.model.family](cfg.model.modules)
-    _, _, config = build_parts(adapter, cfg.model, cfg.system_prompt)
+    _, _, config = build_parts(adapter, cfg.model, cfg.system_prompt, family_tokenizer(cfg.model.family))
     with torch.device("meta"):
         model = adapter.model_class._from_config(config, dtype=torch.bfloat16)
     return sum(p.numel() for p in model.parameters())

@@ -22,12 +22,16 @@ def squares(_twin):
     return Setting.from_config(make_cfg("setting=squares").setting)
 
 
-ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism"]
+# Qwen3-VL: the replay does not yet add DeepStack's features after decoder layers 0-2 (vlm/adapters/qwen3vl.py,
+# `injected_after`), so mirror sweeps, whose replayed positions hold visual tokens, differ from the naive loop
+DEEPSTACK = pytest.mark.xfail(strict=True, reason="replay lacks DeepStack's injection after layers 0-2")
+ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism", "tiny_qwen2_5vl", "tiny_llava", "tiny_internvl3",
+                 pytest.param("tiny_qwen3vl", marks=DEEPSTACK)]
 
 
 @pytest.fixture(params=ENGINE_MODELS, scope="module")
 def model(request):
-    """Both twins and the organism (trained, so patching moves its answers)."""
+    """Every family's twin and the organism (trained, so patching moves its answers)."""
     return load_twin(request.param)
 
 
