@@ -5,7 +5,12 @@
 Module paths in configs/family/internvl3.yaml.
 """
 
-from transformers import BatchFeature, GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+from transformers import (
+    BatchFeature,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+)
 
 from vlm.adapters.base import FamilyAdapter
 

@@ -4,7 +4,13 @@ a Vicuna (Llama) LM with plain causal attention and 1-D positions. The model Ada
 configs/family/llava.yaml.
 """
 
-from transformers import BatchFeature, CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from transformers import (
+    BatchFeature,
+    CLIPImageProcessorPil,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
