@@ -128,8 +128,17 @@ def test_every_experiment_has_tiny_sizes_here():
     assert set(TINY) == set(group_choices("experiment"))
 
 
-@pytest.mark.parametrize("experiment", sorted(TINY))
-@pytest.mark.parametrize("name", NEW_TWINS)
+def experiment_matrix():
+    """Every experiment on every new twin. The default lane runs each experiment once, on the twins in turn (every
+    twin gets two or three); the rest, and amplification (a minute or more of whole-answer scoring over the
+    What'sUp names on a real vocabulary), are marked slow."""
+    for i, experiment in enumerate(sorted(TINY)):
+        for j, name in enumerate(NEW_TWINS):
+            slow = experiment == "amplification" or j != i % len(NEW_TWINS)
+            yield pytest.param(name, experiment, marks=[pytest.mark.slow] if slow else [], id=f"{name}-{experiment}")
+
+
+@pytest.mark.parametrize("name,experiment", list(experiment_matrix()))
 def test_every_experiment_runs_on_each_new_twin(name, experiment, tmp_path, stand_in):
     cfg = make_cfg(f"model={name}", f"experiment={experiment}", f"results_dir={tmp_path}",
                    f"++embeddings_dir={tmp_path / 'emb'}", f"data.whatsup_dir={stand_in}",
