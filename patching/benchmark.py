@@ -32,7 +32,7 @@ from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.settings import Setting
 from patching.engine import PairInput, PatchingEngine, PatchPlan, naive_sweep
 from patching.experiments import mirror_plan
-from patching.interventions import VISUAL
+from vlm.interventions import VISUAL
 from vlm.models import VLM
 from vlm.scoring import AnswerScorer
 

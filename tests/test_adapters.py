@@ -11,7 +11,7 @@ from common.geometry import pixel_box
 from tests.conftest import load_twin, make_cfg
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
-from vlm.hooks import capture
+from vlm.interventions import VISUAL, Read, intervene
 
 FAMILY_TWIN = {"qwen2vl": "tiny_qwen2vl", "gemma3": "tiny_gemma3", "qwen2_5vl": "tiny_qwen2_5vl",
                "qwen3vl": "tiny_qwen3vl", "llava": "tiny_llava", "internvl3": "tiny_internvl3"}
@@ -109,15 +109,23 @@ def test_visual_embeddings_round_trip_through_the_modules_layout(vlm):
     inputs = vlm.encode([white(vlm.grid), one_block_image(vlm.grid, 3, 4)], PROMPTS)
     modules = vlm.adapter.visual_modules(vlm.model)
     assert modules[0] is vlm.visual_embedding_module
-    with capture({str(i): module for i, module in enumerate(modules)}) as cache:
-        vlm.last_logits(inputs)
+    cache = {}
+    raw = [module.register_forward_hook(lambda _m, _a, out, i=i: cache.__setitem__(i, out))
+           for i, module in enumerate(modules)]
+    try:
+        with intervene(vlm, [Read(VISUAL)]) as read:
+            vlm.last_logits(inputs)
+    finally:
+        for handle in raw:
+            handle.remove()
     parts = []
     for i in range(len(modules)):
-        output = cache[str(i)]
+        output = cache[i]
         tokens = vlm.adapter.visual_tokens(output, vlm.n_visual_tokens)
         assert tokens.shape == (2, vlm.n_visual_tokens, output.shape[-1])
         assert torch.equal(vlm.adapter.visual_output(tokens, output), output)
         parts.append(tokens)
+    torch.testing.assert_close(read[VISUAL], parts[0], rtol=0, atol=0)     # the "visual" site: the first module
     joined = vlm.visual_tokens(inputs)
     torch.testing.assert_close(torch.cat(parts, dim=-1), joined)
     for part, split in zip(parts, vlm.adapter.visual_parts(joined, vlm.model), strict=True):

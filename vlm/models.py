@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from common.errors import UsageError, check_choice
 from common.geometry import Grid, Layout
 from vlm.adapters import ADAPTERS, FamilyAdapter
-from vlm.hooks import capture
+from vlm.interventions import VISUAL, Read, forward, intervene
 from vlm.twins import build_parts, chat_messages, ensure_twin, initialise_zero_weights
 
 INITS = ("pretrained", "random")
@@ -112,12 +112,13 @@ class VLM:
         return mask.nonzero()[:, 1].reshape(input_ids.shape[0], self.n_visual_tokens)
 
     @torch.no_grad()
-    def last_logits(self, inputs, visual_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def last_logits(self, inputs, visual_tokens: torch.Tensor | None = None, interventions=()) -> torch.Tensor:
         """(batch, vocab) float32 next-token logits at the last position; only that position is projected.
 
         `visual_tokens` (batch, tokens, hidden), when given, are used as the visual embeddings instead of
-        running the vision tower on the inputs' pixels (an image's embeddings are computed once)."""
-        return self.adapter.forward(self.model, inputs, visual_tokens, logits_to_keep=1).logits[:, -1].float()
+        running the vision tower on the inputs' pixels (an image's embeddings are computed once);
+        `interventions` (vlm/interventions.py) apply to the forward."""
+        return forward(self, inputs, interventions, visual_tokens, logits_to_keep=1).logits[:, -1].float()
 
     @torch.no_grad()
     def image_embeddings(self, images, batch_size: int, desc: str | None = None, device=None) -> torch.Tensor:
@@ -137,9 +138,9 @@ class VLM:
         tokens = self.adapter.read_visual_tokens(self.model, inputs, self.n_visual_tokens)
         if tokens is not None:              # a family whose visual embeddings are more than one module's output
             return tokens
-        with capture({"visual": self.visual_embedding_module}) as cache:
+        with intervene(self, [Read(VISUAL)]) as read:
             self.adapter.image_features(self.model, inputs)
-        return self.adapter.visual_tokens(cache["visual"], self.n_visual_tokens)
+        return read[VISUAL]
 
 
 def resolve_device(device: str) -> torch.device:
