@@ -5,9 +5,9 @@ sites refused."""
 import pytest
 import torch
 
+from common.cli import REPO_DIR as REPO
 from data_gen.render import random_samples
 from data_gen.settings import Setting
-from common.cli import REPO_DIR as REPO
 from tests.conftest import make_cfg
 from vlm.interventions import (
     VISUAL,

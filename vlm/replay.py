@@ -248,8 +248,9 @@ def replay(vlm, rows: list[Row], keep_cache: bool = False) -> Replayed:
             active = bisect_right(starts, layer)
             have = 0 if hidden is None else hidden.shape[0]
             if active > have:
-                joining = torch.stack([row.hidden for row in ranked[have:active]]).to(vlm.device)
-                hidden = joining if hidden is None else torch.cat([hidden, joining.to(hidden.dtype)])
+                joining = torch.stack([row.hidden for row in ranked[have:active]])
+                hidden = (joining.to(vlm.device) if hidden is None
+                          else torch.cat([hidden, joining.to(hidden.device, hidden.dtype)]))
             if layer == n_layers or active == 0:
                 continue
             kwargs = _layer_kwargs(vlm.adapter, ranked, layer, pmax, suffix, active, cache, memo)
