@@ -191,6 +191,8 @@ def load_model(cfg: DictConfig) -> VLM:
 def _checked_path(path: str, made_by: str | None = None) -> str:
     local = Path(path).expanduser()
     if local.exists():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model.path {path!r} is not a checkpoint: no config.json")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         how = f"; it is made by `{made_by}`" if made_by else ""
