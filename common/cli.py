@@ -221,12 +221,18 @@ def _dotted_keys(node, prefix: str = "") -> list[str]:
 
 
 def unknown_key(key: str, schema: DictConfig, where: str, own: list[str]) -> str:
-    """One line for a key the config does not have, with the closest known key (difflib) or the owner's keys."""
-    known = [k for k in _dotted_keys(schema) if key.startswith("hydra") == k.startswith("hydra")]
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if not close:                                   # `coefficient` -> `scalingvis.coefficients`
-        leaves = {k.rpartition(".")[2]: k for k in known}
-        close = [leaves[m] for m in difflib.get_close_matches(key.rpartition(".")[2], list(leaves), n=1, cutoff=0.75)]
+    """One line for a key the config does not have, with the closest known key (difflib: a sibling's name first,
+    then any key's last part, then any whole key) or else the owner's own keys."""
+    hydra_key = key.startswith("hydra.")
+    known = [k for k in _dotted_keys(schema) if k.startswith("hydra.") == hydra_key]
+    parent, _, leaf = key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    leaves = {k.rpartition(".")[2]: k for k in known}
+    close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)] or \
+        [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)] or \
+        difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+    if hydra_key:
+        where, own = "Hydra's config for this command", []
     hint = f"did you mean {close[0]}?" if close else f"its own keys: {', '.join(own)}" if own else \
         "see its configs"
     return f"unknown key {key!r}: {where} has no such key; {hint}"
