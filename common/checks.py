@@ -40,8 +40,11 @@ def check_bool(key: str, value) -> None:
 
 
 def _show(value) -> str:
+    """A value as the command line writes it: lists as [a,b], a lone string quoted."""
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value)
+    if isinstance(value, list):
+        return "[" + ",".join(v if isinstance(v, str) else _show(v) for v in value) + "]"
     return repr(value) if isinstance(value, str) else str(value).replace(" ", "")
 
 

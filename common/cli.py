@@ -262,7 +262,7 @@ def check_keys(argv: list[str], config_name: str = "config", config_dir: str = C
         choices.append([f"{o.get_key_element()}={value}" for value in values])
     for combination in list(product(*choices))[:16]:
         schema = compose_config(config_name, list(combination), hydra_node=True, config_dir=config_dir)
-        experiment = OmegaConf.select(schema, "experiment.name", default=None)
+        experiment = OmegaConf.select(schema, "experiment.name", default=None) if config_name == "config" else None
         where = f"experiment {experiment}" if experiment else f"configs/{config_name}.yaml"
         for o in keys:
             key = o.key_or_group
@@ -385,7 +385,9 @@ def entrypoint(config_name: str = "config"):
             _OUTCOMES.clear()
             _SUMMARY.clear()
             saved = sys.argv
-            sys.argv = [saved[0] if saved else "main", *args, *extra]
+            overrides = [a for a in args if "=" in a and not a.startswith("-")]
+            flags = [a for a in args if a not in overrides]      # Hydra's parser wants its flags first
+            sys.argv = [saved[0] if saved else "main", *flags, *overrides, *extra]
             try:
                 hydra_main()
             except SystemExit as done:          # Hydra ends with one: --help (0), an error it reports itself (1)

@@ -49,8 +49,11 @@ def unit_dir(cfg: DictConfig) -> Path:
 
 def identity(config: dict) -> dict:
     """The part of a resolved config (a plain dict) that decides a unit's numbers: all of it but RUNTIME_KEYS,
-    and `data` only on a What'sUp setting."""
-    config = json.loads(json.dumps(config))              # a deep copy with JSON's types (tuples -> lists)
+    and `data` only on a What'sUp setting; a path inside this repository (a shipped organism's weights) is
+    written `<repo>/...`, so a unit keeps its identity in another clone."""
+    root = str(REPO) + os.sep
+    text = json.dumps(config).replace(json.dumps(root)[1:-1], "<repo>/")
+    config = json.loads(text)                            # a deep copy with JSON's types (tuples -> lists)
     for key in RUNTIME_KEYS:
         parent, _, leaf = key.rpartition(".")
         node = config

@@ -27,7 +27,9 @@ Exit code: 0; 2 for bad input (nothing runs) or a unit refused while running; 1 
 """
 
 import contextlib
+import copy
 import difflib
+import functools
 import gc
 import importlib.util
 import io
@@ -120,7 +122,7 @@ def plan(args: list[str]) -> Plan:
         figure = Figure(name, label=label)
         for model in grid["model"]:
             for setting in grid["setting"]:
-                cfg = compose_config("config", [f"sweep={name}", f"model={model}", f"setting={setting}"])
+                cfg = unit_config(name, model, setting)
                 known.update(_keys(cfg))
                 for scope, key, arg in overrides:         # each key where the unit has it (n_pairs, n, ...)
                     if scope not in (None, name) or OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
@@ -140,6 +142,17 @@ def plan(args: list[str]) -> Plan:
 
 
 _ABSENT = object()
+
+
+@functools.cache
+def _composed(sweep: str, model: str, setting: str) -> DictConfig:
+    return compose_config("config", [f"sweep={sweep}", f"model={model}", f"setting={setting}"])
+
+
+def unit_config(sweep: str, model: str, setting: str) -> DictConfig:
+    """A unit's config as `python -m runner sweep=<sweep> model=<model> setting=<setting>` composes it (a copy of
+    one composed once per process)."""
+    return copy.deepcopy(_composed(sweep, model, setting))
 
 
 def _keys(cfg, prefix: str = "") -> list[str]:

@@ -6,6 +6,7 @@ with * and the reason is written under the table."""
 
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -51,25 +52,32 @@ def footnotes(table: dict) -> str:
 def draw_table(path: Path, title: str, row_labels: list[str], col_labels: list[str], cells: list[list],
                nothing: list[list[bool]], notes: list[str]) -> None:
     """A table image: one row per label, values with two decimals on a red-to-green background (0 to 1), "–"
-    for none, "*" where the unit measures nothing, the notes under it."""
-    width = 1.6 + 1.1 * len(col_labels) + 0.09 * max(len(r) for r in row_labels)
-    height = 0.9 + 0.34 * (len(row_labels) + 1) + 0.22 * len(notes)
-    fig, ax = plt.subplots(figsize=(width, height))
+    for none, "*" where the unit measures nothing, the notes (wrapped) under it."""
+    notes = [line for note in notes for line in textwrap.wrap(note, 100)]
+    label_width = 0.25 + 0.085 * max(len(r) for r in row_labels)
+    width = label_width + 1.0 * len(col_labels)
+    table_height, note_height, title_height = 0.3 * (len(row_labels) + 1), 0.18 * len(notes), 0.4
+    height = table_height + note_height + title_height + 0.1
+    fig = plt.figure(figsize=(max(width, 0.075 * max([len(n) for n in notes], default=0)), height))
+    ax = fig.add_axes((0, 0, 1, 1))
     ax.axis("off")
     cmap = plt.get_cmap("RdYlGn")
-    text = [[("–" if v is None else f"{v:.2f}") + (" *" if star else "") for v, star in zip(row, stars, strict=True)]
-            for row, stars in zip(cells, nothing, strict=True)]
-    colors = [["white" if v is None or star else (*cmap(v)[:3], 0.45) for v, star in zip(row, stars, strict=True)]
+    text = [[label] + [("–" if v is None else f"{v:.2f}" + (" *" if star else "")) for v, star in zip(row, stars, strict=True)]
+            for label, row, stars in zip(row_labels, cells, nothing, strict=True)]
+    colors = [["white"] + ["white" if v is None or star else (*cmap(v)[:3], 0.45) for v, star in zip(row, stars, strict=True)]
               for row, stars in zip(cells, nothing, strict=True)]
-    table = ax.table(cellText=text, cellColours=colors, rowLabels=row_labels, colLabels=col_labels,
-                     loc="upper center", cellLoc="center")
+    left = (fig.get_figwidth() - width) / 2 / fig.get_figwidth()
+    bottom = (note_height + 0.1) / height
+    table = ax.table(cellText=text, cellColours=colors, colLabels=["", *col_labels], cellLoc="center",
+                     bbox=(left, bottom, width / fig.get_figwidth(), table_height / height),
+                     colWidths=[label_width] + [1.0] * len(col_labels))
     table.auto_set_font_size(False)
     table.set_fontsize(9)
-    table.scale(1, 1.4)
-    ax.set_title(title, fontsize=10)
+    ax.text(0.5, 1 - 0.5 * title_height / height, title, ha="center", va="center", fontsize=10)
     for k, note in enumerate(notes):
-        fig.text(0.02, 0.02 + 0.22 * (len(notes) - 1 - k) / height, note, fontsize=7, color="0.3")
-    fig.savefig(path, dpi=150, bbox_inches="tight")
+        ax.text(0.02, (note_height - 0.18 * (k + 0.5)) / height + 0.05 / height, note, fontsize=7, color="0.3",
+                va="center")
+    fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
