@@ -161,7 +161,10 @@ def test_a_figure_script_runs_its_sweep_and_draws(tmp_path):
     assert (tmp_path / "fig/last_token.png").is_file() and (tmp_path / "fig/summary.md").is_file()
 
 
-def test_the_command_line_exits_with_the_code(tmp_path):
-    """`python -m runner` as a process: the exit code main(argv) returns in-process, and one line."""
-    done = runner("experiment=accuracy", "model=organism", "n=0", "device=cpu", f"results_dir={tmp_path}")
-    assert done.returncode == 2 and done.stderr.strip() == "error: n=0: expected an integer >= 1"
+def test_the_command_line_exits_with_the_code(tmp_path, monkeypatch, capsys):
+    """`python -m runner` (main() reading sys.argv) exits with the code that main(argv) returns in-process."""
+    monkeypatch.setattr(sys, "argv", ["runner", "experiment=accuracy", "model=organism", "n=0", "device=cpu",
+                                      f"results_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as done:
+        runner_module.main()
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == "error: n=0: expected an integer >= 1"

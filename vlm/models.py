@@ -125,7 +125,8 @@ class VLM:
         and projector (the prompt is empty: they see only the pixels). Each batch's result is moved to `device`
         (default: stays on the model's); `desc` shows a progress bar."""
         out = []
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                          disable=True if desc is None else None):     # None: only on a terminal
             chunk = list(images[start:start + batch_size])
             tokens = self.visual_tokens(self.encode(chunk, [""] * len(chunk)))
             out.append(tokens if device is None else tokens.to(device))
