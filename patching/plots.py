@@ -64,10 +64,10 @@ def plot_sweeps(units, outcomes: dict[str, str], title: str, out: Path, name: st
     if drawn:
         handles, labels = drawn[0].get_legend_handles_labels()
         handles.append(Patch(color="0.5", alpha=0.3))
-        labels.append("shaded: mean +-1 s.d. across pairs")
-        drawn[0].legend(handles, labels, fontsize=7, loc="best")
+        labels.append("shaded: +-1 s.d. across pairs, in its curve's colour")
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)   # below the panels
     fig.suptitle(title + (f" ({orientation})" if orientation else ""), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"{name}_{orientation}.png" if orientation else f"{name}.png")
     fig.savefig(path, dpi=140)
