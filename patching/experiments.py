@@ -164,6 +164,15 @@ def ablated_patching(cfg: DictConfig, get_vlm):
     return mirror_sweep(cfg, get_vlm, region="items", ablate=True)
 
 
+def mirror_patching(cfg: DictConfig, get_vlm):
+    """Whichever of object_patching, strip_patching and ablated_patching `cfg` is the config of (for a caller
+    holding a config, e.g. a test)."""
+    sweeps = {"object_patching": object_patching, "strip_patching": strip_patching,
+              "ablated_patching": ablated_patching}
+    check_choice("mirror patching experiment", cfg.experiment.name, sweeps)
+    return sweeps[cfg.experiment.name](cfg, get_vlm)
+
+
 @torch.no_grad()
 def ablation(cfg: DictConfig, get_vlm):
     """Accuracy on the same images with their own and with ablated visual embeddings (Table 2)."""
