@@ -50,6 +50,7 @@ def accuracy(cfg: DictConfig, get_vlm):
     metrics = accuracy_metrics(samples, probs, scorer.candidates, greedy)
     if not cfg.greedy_check:
         metrics.pop("greedy_agrees")
+    metrics["p_uniform_token"] = 1.0 / len(vlm.tokenizer)      # common.results.measures_nothing
     arrays = {
         "probs": probs.astype(np.float32),
         "candidates": np.array(scorer.candidates),

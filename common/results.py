@@ -230,20 +230,18 @@ def fmt_metric(value, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-# A unit measures nothing when the model gives the setting's true answers this little probability on unmodified
-# inputs (mean over samples): it never says these words (What'sUp on the organisms), so accuracy, patching
-# curves and steering only show zeros. Real models sit orders of magnitude above it.
-ANSWER_FLOOR = 1e-3
-
-
 def measures_nothing(metrics: dict) -> str | None:
-    """Why a unit measures nothing (its `mean_p_answer`, recorded by every experiment that scores answers, is
-    below ANSWER_FLOOR), or None when it measures something or records no such number."""
-    p = metrics.get("mean_p_answer")
-    if p is None or p >= ANSWER_FLOOR:
+    """Why a unit measures nothing, or None. Every experiment that scores answers records `mean_p_answer` (the
+    true answer's mean probability on unmodified inputs) and `p_uniform_token` (1 / the vocabulary's size: one
+    token's probability under a uniform guess). Below that, the model does not answer with the setting's words at
+    all (What'sUp on the organisms, whose vocabulary holds them but whose training never used them: ~1e-6 against
+    3e-3), so its accuracy, patching curves and steering can only show zeros. A random model (the tiny twins) sits
+    near the uniform guess, a trained one far above it."""
+    p, floor = metrics.get("mean_p_answer"), metrics.get("p_uniform_token")
+    if p is None or floor is None or p >= floor:
         return None
-    return (f"nothing to measure: the model gives the true answers P = {p:.1g} on average (< {ANSWER_FLOOR:g}), "
-            f"it does not answer with these words")
+    return (f"nothing to measure: the model gives the true answers P = {p:.1g} on average, less than a uniform "
+            f"guess over its {round(1 / floor)} tokens ({floor:.1g}): it does not answer with these words")
 
 
 def load_unit(directory: Path) -> tuple[dict, dict]:

@@ -99,7 +99,9 @@ def sweep(vlm: VLM, scorer: AnswerScorer, pairs, plans, sites, cfg, visuals=None
         "direction": np.array([p.clean.direction for p in pairs]),
         "pair_id": np.array([p.clean.id for p in pairs]),
     }
-    return summarize(sites, patched, clean, counterfactual), arrays
+    metrics = summarize(sites, patched, clean, counterfactual)
+    metrics["p_uniform_token"] = 1.0 / len(vlm.tokenizer)      # common.results.measures_nothing
+    return metrics, arrays
 
 
 def last_token(cfg: DictConfig, get_vlm):

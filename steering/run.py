@@ -245,6 +245,7 @@ def amplification(cfg: DictConfig, get_vlm):
               "random_directions": random_dirs, "alphas": np.array(metrics["alphas"])}
     correct_none = []          # the unmodified run on every composite: the paper's None row (Table 1's column)
     metrics["mean_p_answer"] = None      # P(true answer), unmodified, on train (common.results.measures_nothing)
+    metrics["p_uniform_token"] = 1.0 / len(vlm.tokenizer)
     if split_samples["train"]:
         train_probs, _ = score_samples(vlm, scorer, split_samples["train"], cfg.batch_size, desc="none on train")
         answers = [scorer.index(s.answer) for s in split_samples["train"]]

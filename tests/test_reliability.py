@@ -348,14 +348,22 @@ def test_every_unit_ends_with_its_number_and_a_panel_without_one_says_why(tmp_pa
                f"data.whatsup_dir={root}") == 0
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("last_token")]
     assert len(out) == 2 and out[0].startswith("last_token dual_organism squares: P(ordering) peaks at")
-    assert "nothing to measure: the model gives the true answers P = " in out[1]
+    assert "nothing to measure: the model gives the true answers P = " in out[1] and "less than a uniform guess" in out[1]
     record, _ = load_unit(tmp_path / "results/last_token" / MODEL / "whatsup")
-    assert record["metrics"]["mean_p_answer"] < 1e-3
+    assert record["metrics"]["mean_p_answer"] < record["metrics"]["p_uniform_token"] == 1 / len(load_twin(MODEL).tokenizer)
     from figures.fig02_last_token.plot import draw
 
     assert draw(tmp_path / "results", tmp_path / "fig") == 0
     summary_md = (tmp_path / "fig" / "summary.md").read_text()
     assert "| whatsup | nothing to measure" in summary_md and "| squares | P(b)" in summary_md
+
+
+def test_a_random_model_still_measures_and_an_untrained_vocabulary_does_not():
+    from common.results import measures_nothing
+
+    assert measures_nothing({"mean_p_answer": 3e-5, "p_uniform_token": 1 / 152064}) is None      # a random twin
+    assert measures_nothing({"mean_p_answer": 1e-6, "p_uniform_token": 1 / 337}).startswith("nothing to measure")
+    assert measures_nothing({"mean_p_answer": 1e-6}) is None              # a unit from before: no verdict
 
 
 def test_a_plot_without_results_names_its_script(tmp_path, capsys):
@@ -375,7 +383,8 @@ def test_table_1_is_a_readable_table_image(tmp_path):
     table = {("dual_organism", s): {"accuracy": 0.99, "n": 200, "by_direction": {d: 1.0 for d in
                                                                                  ("left", "right", "above", "below")}}
              for s in ("squares", "shapes", "objects")}
-    table[("dual_organism", "whatsup")] = {"accuracy": 0.0, "mean_p_answer": 1e-6, "by_direction": {"left": 0.0}}
+    table[("dual_organism", "whatsup")] = {"accuracy": 0.0, "mean_p_answer": 1e-6, "p_uniform_token": 1 / 337,
+                                           "by_direction": {"left": 0.0}}
     draw_figures(table, ["dual_organism"], ["squares", "shapes", "objects", "whatsup"], tmp_path)
     for name in ("table1_accuracy.png", "table4_by_direction.png"):
         width, height = Image.open(tmp_path / name).size
