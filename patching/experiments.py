@@ -28,7 +28,7 @@ from data_gen.settings import Setting
 from data_gen.whatsup import require_boxes
 from patching.ablation import Ablator
 from patching.engine import PairInput, PatchingEngine, PatchPlan
-from patching.interventions import VISUAL
+from vlm.interventions import VISUAL
 from vlm.models import VLM
 from vlm.scoring import AnswerScorer, candidate_probabilities
 

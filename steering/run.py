@@ -8,7 +8,7 @@
 2. On the val and test splits (both queried directions of every composite), each batch is encoded and its
    visual embeddings computed once; then the last-position logits are taken for: no intervention; every
    alpha with the probe directions (`directions: probe`, the paper's scale, or `unit`); every alpha with random
-   directions of the same norms (per seed); ScalingVis at every coefficient (steering/attention.py: the authors' operation); AdaptVis at every
+   directions of the same norms (per seed); ScalingVis at every coefficient (steering/scalingvis.py: the authors' operation); AdaptVis at every
    (weight1, weight2, threshold), each example taking the ScalingVis run at its own coefficient
    (`adaptvis_rows`; weights outside the ScalingVis grid get their own run); the image-attention
    reweighting (not ScalingVis) at every coefficient.
@@ -20,7 +20,6 @@
 """
 
 import math
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -42,17 +41,13 @@ from steering.amplify import (
     random_directions,
     token_classes,
 )
-from steering.attention import (
-    adaptvis_confidence,
-    adaptvis_rows,
-    reweight_image_attention,
-    scale_image_attention,
-)
+from steering.reweighting import reweighting_edits
+from steering.scalingvis import adaptvis_confidence, adaptvis_rows, scalingvis_edits
 from vlm.scoring import AnswerScorer, candidate_probabilities, score_samples
 
 EXPERIMENT = "amplification"
 ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
-REWEIGHTING_QUERIES = ("last", "all")   # steering.attention.QUERIES, not imported here: it loads transformers
+REWEIGHTING_QUERIES = ("last", "all")   # steering.reweighting.QUERIES
 DEFINITIONS = {
     "corrected": "fraction of the samples the unmodified run answered wrong that the method answers right",
     "broken": "fraction of the samples the unmodified run answered right that the method answers wrong",
@@ -154,9 +149,10 @@ def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, cfg: 
     tokens = vlm.visual_tokens(inputs)
     classes = token_classes(probe, tokens)
 
-    def predict(visual, during=nullcontext) -> torch.Tensor:
-        """(batch, candidates) probabilities with these visual embeddings, `during` the prompt's forward."""
-        return candidate_probabilities(vlm, scorer, inputs, visual, during)[0]
+    def predict(visual, interventions=()) -> torch.Tensor:
+        """(batch, candidates) probabilities with these visual embeddings and `interventions` on the prompt's
+        forward."""
+        return candidate_probabilities(vlm, scorer, inputs, visual, interventions)[0]
 
     def best(probs) -> np.ndarray:
         return probs.argmax(-1).cpu().numpy()
@@ -167,13 +163,14 @@ def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, cfg: 
            "random": np.stack([np.stack([best(predict(amplify(tokens, d, a, classes))) for a in alphas])
                                for d in directions["random"]])}
     coefficients = sorted({*grid_values(sv.coefficients), *grid_values(av.weight1), *grid_values(av.weight2)})
-    scaled = {c: predict(tokens, lambda c=c: scale_image_attention(vlm, inputs, c, sv.layers)) for c in coefficients}
+    ids = inputs["input_ids"]
+    scaled = {c: predict(tokens, scalingvis_edits(vlm, ids, c, sv.layers)) for c in coefficients}
     out["scalingvis"] = np.stack([best(scaled[s["coefficient"]]) for s in grid_of(cfg, "scalingvis")])
     confidence = adaptvis_confidence(base_logits)                          # of the unmodified run
     out["adaptvis"] = np.stack([best(adaptvis_rows(confidence, s["threshold"], scaled[s["weight1"]],
                                                    scaled[s["weight2"]])) for s in grid_of(cfg, "adaptvis")])
     out["image_attention_reweighting"] = np.stack([
-        best(predict(tokens, lambda s=s: reweight_image_attention(vlm, inputs, s["coefficient"], rw.layers, rw.queries)))
+        best(predict(tokens, reweighting_edits(vlm, ids, s["coefficient"], rw.layers, rw.queries)))
         for s in grid_of(cfg, "image_attention_reweighting")])
     return out, confidence.numpy()
 

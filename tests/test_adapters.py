@@ -11,7 +11,7 @@ from common.geometry import pixel_box
 from tests.conftest import TWINS, load_twin
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
-from vlm.hooks import capture
+from vlm.interventions import VISUAL, Read, intervene
 
 FAMILY_TWIN = {"qwen2vl": "tiny_qwen2vl", "gemma3": "tiny_gemma3"}
 PROMPTS = ["The color of the square to the left of the green square is", "The object above the key is"]
@@ -99,10 +99,16 @@ def test_encode_puts_one_image_token_per_visual_token_and_left_pads(vlm):
 
 def test_visual_embeddings_round_trip_through_the_modules_layout(vlm):
     inputs = vlm.encode([white(vlm.grid), one_block_image(vlm.grid, 3, 4)], PROMPTS)
-    with capture({"visual": vlm.visual_embedding_module}) as cache:
-        vlm.last_logits(inputs)
-    output = cache["visual"]
+    raw = vlm.visual_embedding_module.register_forward_hook(lambda _m, _a, out: cache.__setitem__("raw", out))
+    cache = {}
+    try:
+        with intervene(vlm, [Read(VISUAL)]) as read:
+            vlm.last_logits(inputs)
+    finally:
+        raw.remove()
+    output = cache["raw"]
     tokens = vlm.adapter.visual_tokens(output, vlm.n_visual_tokens)
+    torch.testing.assert_close(read[VISUAL], tokens, rtol=0, atol=0)
     assert tokens.shape == (2, vlm.n_visual_tokens, output.shape[-1])
     assert torch.equal(vlm.adapter.visual_output(tokens, output), output)
     torch.testing.assert_close(tokens, vlm.visual_tokens(inputs))

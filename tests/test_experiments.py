@@ -17,9 +17,9 @@ from data_gen.settings import Setting
 from patching.ablation import Ablator
 from patching.engine import PatchingEngine
 from patching.experiments import ablation, last_token, mirror_patching, mirror_plan
-from patching.interventions import VISUAL
 from runner import run_unit
 from tests.conftest import make_cfg
+from vlm.interventions import VISUAL
 from vlm.scoring import AnswerScorer, score_samples
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from PIL import Image
 from common.errors import UsageError
 from data_gen.settings import Setting
 from tests.conftest import make_cfg
-from vlm.hooks import Hook, hooks
+from vlm.interventions import Apply, layer_site
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
 PROMPTS = ["The object above the key is", "The color of the square to the left of the green square is"]
@@ -62,19 +62,18 @@ def test_whole_answers_equal_a_teacher_forced_forward(twin):
 
 
 def test_an_intervention_on_the_prompt_reaches_every_answer_token(twin):
-    """`during` is active over the prompt only; its effect still changes later tokens' probabilities (through
+    """An intervention is active over the prompt only; its effect still changes later tokens' probabilities (through
     the cache), and leaving it out gives the plain scores."""
     scorer = AnswerScorer(twin.tokenizer, ["water bottle", "water"])
     inputs = twin.encode([white(twin)], PROMPTS[:1])
     plain, _ = candidate_probabilities(twin, scorer, inputs)
-    layer = twin.decoder_layers[0]
     calls = []
 
     def noisy(hidden):
         calls.append(hidden.shape[1])
         return hidden + 0.5
 
-    patched, _ = candidate_probabilities(twin, scorer, inputs, during=lambda: hooks(Hook(layer, noisy)))
+    patched, _ = candidate_probabilities(twin, scorer, inputs, interventions=[Apply(layer_site(0), noisy)])
     assert calls == [inputs["input_ids"].shape[1]]               # the prompt's forward only
     assert not torch.allclose(patched, plain)
 

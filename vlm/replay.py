@@ -16,11 +16,12 @@ passed explicitly).
 """
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from vlm.hooks import hidden_of
+from vlm.interventions import hidden_of, intervene, record_calls, stack_score_edits
 
 
 @dataclass
@@ -109,33 +110,17 @@ def record(vlm, inputs: list, visual: list, batch_size: int) -> list[Record]:
 
 def _record_batch(vlm, batch: dict, visual: torch.Tensor) -> _RecordedBatch:
     adapter, model, layers = vlm.adapter, vlm.model, vlm.decoder_layers
-    calls: dict[int, tuple] = {}
-    last: dict[str, torch.Tensor] = {}
-
-    def pre_hook(index):
-        def hook(_module, args, kwargs):
-            calls[index] = (args, kwargs)
-        return hook
-
-    def keep_output(_module, _args, output):
-        last["hidden"] = hidden_of(output)
-
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[len(layers) - 1].register_forward_hook(keep_output))
     cache = adapter.new_cache()
-    try:
+    with record_calls(list(layers)) as recorded:
         out = adapter.forward(model, batch, visual, logits_to_keep=1, use_cache=True,
                               **{adapter.cache_argument(model): cache})
-    finally:
-        for handle in handles:
-            handle.remove()
     hidden, parsed = [], []
     for index in range(len(layers)):
-        args, kwargs = calls[index]
+        args, kwargs = recorded["calls"][index]
         state, call = _parse_call(adapter, args, kwargs)
         hidden.append(state)
         parsed.append(call)
-    hidden.append(last["hidden"])
+    hidden.append(recorded["output"])
     length = int(batch["input_ids"].shape[1])
     return _RecordedBatch(length, hidden, adapter.cache_tensors(cache), parsed, out.logits[:, -1].float())
 
@@ -173,12 +158,15 @@ def _parse_call(adapter, args, kwargs) -> tuple[torch.Tensor, _Call]:
 @dataclass
 class Row:
     """A run to replay: the recorded input `record`, entering decoder layer `start` (n_layers: after the last
-    one) with `hidden` (L - prefix, hidden) at positions [prefix, L); positions before `prefix` are the record's."""
+    one) with `hidden` (L - prefix, hidden) at positions [prefix, L); positions before `prefix` are the record's.
+    `score_edits`: attention-score interventions of this run (vlm/interventions.py, ScaleScores / ShiftScores of
+    batch 1, keys over the record's L positions), active in the replay (rows with them start at layer 0)."""
 
     record: Record
     start: int
     prefix: int
     hidden: torch.Tensor
+    score_edits: list = field(default_factory=list)
 
 
 @dataclass
@@ -255,21 +243,44 @@ def replay(vlm, rows: list[Row], keep_cache: bool = False) -> Replayed:
     cache = _PassCache(ranked, pmax, keep_cache)
     layers, memo = vlm.decoder_layers, {}
     hidden = None
-    for layer in range(n_layers + 1):
-        active = bisect_right(starts, layer)
-        have = 0 if hidden is None else hidden.shape[0]
-        if active > have:
-            joining = torch.stack([row.hidden for row in ranked[have:active]]).to(vlm.device)
-            hidden = joining if hidden is None else torch.cat([hidden, joining.to(hidden.dtype)])
-        if layer == n_layers or active == 0:
-            continue
-        kwargs = _layer_kwargs(vlm.adapter, ranked, layer, pmax, suffix, active, cache, memo)
-        hidden = hidden_of(layers[layer](hidden, **kwargs))
+    with intervene(vlm, _pass_score_edits(ranked, pmax, suffix)):
+        for layer in range(n_layers + 1):
+            active = bisect_right(starts, layer)
+            have = 0 if hidden is None else hidden.shape[0]
+            if active > have:
+                joining = torch.stack([row.hidden for row in ranked[have:active]])
+                hidden = (joining.to(vlm.device) if hidden is None
+                          else torch.cat([hidden, joining.to(hidden.device, hidden.dtype)]))
+            if layer == n_layers or active == 0:
+                continue
+            kwargs = _layer_kwargs(vlm.adapter, ranked, layer, pmax, suffix, active, cache, memo)
+            hidden = hidden_of(layers[layer](hidden, **kwargs))
     logits = vlm.adapter.final_logits(vlm.model, hidden[:, -1])
     slot = [0] * len(rows)
     for position, i in enumerate(order):
         slot[i] = position
     return Replayed(logits[torch.tensor(slot, device=logits.device)], list(rows), slot, cache.suffix)
+
+
+def _pass_score_edits(ranked: list[Row], pmax: int, suffix: int) -> list:
+    """The rows' score edits as one edit per site over the pass's batch, keys laid out as the pass's attention sees
+    them: each row's prefix keys left-padded (False) to `pmax`, then its suffix keys."""
+    sites = [edit.site for edit in ranked[0].score_edits]
+    if not any(row.score_edits for row in ranked):
+        return []
+    if any([edit.site for edit in row.score_edits] != sites for row in ranked):
+        raise ValueError("every row of a replay pass with score edits needs edits at the same sites")
+    if any(row.start != 0 for row in ranked):
+        raise ValueError("rows with score edits are replayed from layer 0")
+    merged = []
+    for k in range(len(sites)):
+        keys = []
+        for row in ranked:
+            own = row.score_edits[k].keys[0].to(row.hidden.device)          # (L,) over the record's positions
+            length, prefix = row.record.length, row.prefix
+            keys.append(torch.cat([own.new_zeros(pmax - prefix), own[:prefix], own[length - suffix:length]]))
+        merged.append(stack_score_edits([row.score_edits[k] for row in ranked], torch.stack(keys)))
+    return merged
 
 
 def _layer_kwargs(adapter, ranked, layer, pmax, suffix, active, cache, memo) -> dict:
@@ -340,3 +351,50 @@ def _first_rows(value, batch_dim, n):
 def record_kv(record: Record) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A recorded input's own keys and values at every layer."""
     return [record.kv(layer) for layer in range(len(record._batch.kv))]
+
+
+def last_position_row(record: Record, score_edits: list) -> Row:
+    """A row replaying `record`'s plain forward from layer 0 over its last position (from its shareable prefix on:
+    the last position alone, for an input that ends in text) under `score_edits` (batch-1 score edits over the
+    record's positions): the runs of attention-score interventions that change the last query row only
+    (ScalingVis, AdaptVis, last-row reweighting), whose earlier positions are the plain run's."""
+    prefix = record.shareable_prefix(record.length - 1)
+    return Row(record, 0, prefix, record.hidden(0)[prefix:], list(score_edits))
+
+
+@dataclass
+class Runs:
+    """A batch of runs where they become candidate probabilities: (rows, vocab) next-token logits at each run's
+    last input position, each run's input (`records[i]`) and, when the engine keeps caches, `kv(i)`: run i's
+    per-layer (kv_heads, L, head_dim) keys and values, as a full forward of it would leave in its cache."""
+
+    logits: torch.Tensor
+    records: list
+    kv: Callable[[int], list] | None = None
+
+    def caches(self, adapter):
+        """(run indices, their inputs, a cache of their keys and values) per recorded input, for continuing the
+        runs with answer tokens."""
+        groups: dict[int, list[int]] = {}
+        for i, rec in enumerate(self.records):
+            groups.setdefault(id(rec), []).append(i)
+        for indices in groups.values():
+            per_run = [self.kv(i) for i in indices]
+            stacked = [(torch.stack([kv[layer][0] for kv in per_run]), torch.stack([kv[layer][1] for kv in per_run]))
+                       for layer in range(len(per_run[0]))]
+            yield indices, adapter.repeat_inputs(self.records[indices[0]].inputs, len(indices)), \
+                adapter.filled_cache(stacked)
+
+
+
+
+def recorded_runs(records: list[Record], keep_cache: bool) -> Runs:
+    """The recorded (plain) runs themselves as Runs."""
+    return Runs(torch.stack([rec.logits for rec in records]), list(records),
+                (lambda i: record_kv(records[i])) if keep_cache else None)
+
+
+def replayed_runs(vlm, rows: list[Row], keep_cache: bool) -> Runs:
+    """One replay pass over `rows` (one suffix length) as Runs."""
+    replayed = replay(vlm, rows, keep_cache=keep_cache)
+    return Runs(replayed.logits, [row.record for row in rows], replayed.kv if keep_cache else None)

@@ -14,12 +14,14 @@ candidates tokenize to the very same sequence.
 """
 
 import copy
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
 from common.errors import UsageError
+from vlm.interventions import forward
+from vlm.replay import replayed_runs
 from vlm.twins import surface_forms
 
 MAX_CONTINUATION_ROWS = 256     # prompt rows x answer forms per continuation forward (the cache is copied per row)
@@ -139,24 +141,52 @@ def continue_answers(vlm, scorer: AnswerScorer, inputs, cache) -> torch.Tensor:
     return out
 
 
+def run_probabilities(vlm, scorer: AnswerScorer, logits: torch.Tensor, caches: Callable[[], Iterable] = tuple
+                      ) -> torch.Tensor:
+    """(rows, candidates) probabilities (on the CPU) of runs with (rows, vocab) next-token `logits` at their last
+    input position: the one place where runs, plain, patched, replayed or attention-edited, become candidate
+    probabilities. Under the first-token rule the logits suffice; under the whole-answer rule, `caches()` yields
+    (row indices, their inputs, a cache of their keys and values) for every run, and the answers' later tokens are
+    teacher-forced from those caches (`continue_answers`)."""
+    if scorer.exact:
+        return scorer.probabilities(logits).cpu()
+    if not scorer.sequences:
+        return scorer.whole_answer_probabilities(logits, torch.zeros(logits.shape[0], 0, 0)).cpu()
+    out = torch.zeros(logits.shape[0], len(scorer.candidates))
+    for indices, inputs, cache in caches():
+        continued = continue_answers(vlm, scorer, inputs, cache)
+        out[indices] = scorer.whole_answer_probabilities(logits[indices], continued).cpu()
+    return out
+
+
 def candidate_probabilities(vlm, scorer: AnswerScorer, inputs, visual_tokens: torch.Tensor | None = None,
-                            during=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidate probabilities (batch, candidates), last-position logits (batch, vocab)) of one forward over
-    `inputs` (`visual_tokens` as in VLM.last_logits), under the rule `scorer` says. `during()` is a context
-    (hooks, scaled attention) active for the forward over the prompt only: the answer's later tokens continue
-    from its cache, as generation would."""
+                            interventions: Iterable = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate probabilities (batch, candidates) on the CPU, last-position logits (batch, vocab)) of one forward
+    over `inputs` (`visual_tokens` as in VLM.last_logits) with `interventions` (vlm/interventions.py), under the
+    rule `scorer` says. The interventions act on the forward over the prompt only: the answer's later tokens
+    continue from its cache, as generation would."""
     with torch.no_grad():
-        if scorer.exact:
-            with during():
-                logits = vlm.last_logits(inputs, visual_tokens)
-            return scorer.probabilities(logits), logits
-        with during():
-            out = vlm.adapter.forward(vlm.model, inputs, visual_tokens, use_cache=True, logits_to_keep=1)
+        out = forward(vlm, inputs, interventions, visual_tokens, logits_to_keep=1, use_cache=not scorer.exact)
         logits = out.logits[:, -1].float()
-        if not scorer.sequences:
-            return scorer.whole_answer_probabilities(logits, torch.zeros(logits.shape[0], 0, 0)), logits
-        continued = continue_answers(vlm, scorer, inputs, out.past_key_values)
-        return scorer.whole_answer_probabilities(logits, continued), logits
+        rows = list(range(logits.shape[0]))
+        return run_probabilities(vlm, scorer, logits, lambda: [(rows, inputs, out.past_key_values)]), logits
+
+
+@torch.no_grad()
+def replayed_probabilities(vlm, scorer: AnswerScorer, rows: list, batch_size: int) -> torch.Tensor:
+    """(len(rows), candidates) probabilities of replay rows (vlm/replay.py: e.g. the last position of recorded
+    runs under attention-score edits), rows of one suffix length `batch_size` per pass, in the order given."""
+    out = torch.zeros(len(rows), len(scorer.candidates))
+    by_suffix: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_suffix.setdefault(int(row.hidden.shape[0]), []).append(i)
+    keep = not scorer.exact
+    for indices in by_suffix.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            runs = replayed_runs(vlm, [rows[i] for i in chunk], keep)
+            out[chunk] = run_probabilities(vlm, scorer, runs.logits, lambda runs=runs: runs.caches(vlm.adapter))
+    return out
 
 
 def score_samples(vlm, scorer: AnswerScorer, samples, batch_size: int, desc: str = "scoring"):

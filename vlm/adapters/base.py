@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
 MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention", "vision_layers", "final_norm")
+OPTIONAL_MODULE_NAMES = ("attention_output",)   # needed only by the sites that use them (vlm/interventions.py)
 
 
 class FamilyAdapter:
@@ -39,7 +40,8 @@ class FamilyAdapter:
         missing = [name for name in MODULE_NAMES if name not in modules]
         if missing:
             raise ValueError(f"{self.name} module paths lack {', '.join(missing)} (configs/family/{self.name}.yaml)")
-        self.modules = {name: str(modules[name]) for name in MODULE_NAMES}
+        self.modules = {name: str(modules[name]) for name in (*MODULE_NAMES, *OPTIONAL_MODULE_NAMES)
+                        if name in modules}
 
     # --- where things are --------------------------------------------------------------------------
     def module(self, model, name: str, index: int | None = None) -> torch.nn.Module:
@@ -65,6 +67,13 @@ class FamilyAdapter:
     def attention_modules(self, model) -> list[torch.nn.Module]:
         """Each LM decoder layer's self-attention module, in layer order."""
         return [self.module(model, "attention", i) for i in range(len(self.decoder_layers(model)))]
+
+    def attention_output_module(self, model, layer: int) -> torch.nn.Module:
+        """Layer `layer`'s attention output projection, whose input is every head's output side by side (the
+        "heads.<l>" site)."""
+        if "attention_output" not in self.modules:
+            raise ValueError(f"{self.name} has no attention_output module path (configs/family/{self.name}.yaml)")
+        return self.module(model, "attention_output", layer)
 
     # --- building the twin / random-init architecture -------------------------------------------
     def chat_template(self) -> str:
