@@ -32,12 +32,12 @@ VERSIONED = ("torch", "transformers", "numpy", "hydra-core")
 
 # Keys of the resolved config that do not change a unit's numbers, left out of its identity: where things go
 # (results_dir, cache_dir, embeddings_dir: a cache keyed by its own contents), how the run is carried out
-# (device, model.device_map, threads, redo), bookkeeping (variant_keys, experiment.figure, model.made_by), and
+# (device, model.device_map, model.max_memory, threads, redo), bookkeeping (variant_keys, experiment.figure, model.made_by), and
 # batch_size: it only groups rows into forwards (left-padded, masked), which changes float rounding (<= 1e-5 in
 # the engine's equality tests) and no result beyond it. `data` counts only on a What'sUp setting (the synthetic
 # ones never read it).
 RUNTIME_KEYS = ("results_dir", "cache_dir", "embeddings_dir", "device", "threads", "redo", "variant_keys",
-                "batch_size", "experiment.figure", "model.made_by", "model.device_map")
+                "batch_size", "experiment.figure", "model.made_by", "model.device_map", "model.max_memory")
 
 
 def unit_dir(cfg: DictConfig) -> Path:

@@ -39,7 +39,8 @@ from common.errors import UsageError, check_choice
 from common.results import measures_nothing, save_unit, setting_rank, unit_dir, unit_state
 from data_gen.samples import SOURCES, setting_source
 from data_gen.whatsup import SUBSETS, load_composites, whatsup_root
-from vlm.models import VLM, _checked_path, load_model, resolve_device
+from vlm.adapters import ADAPTERS
+from vlm.models import INITS, VLM, _checked_path, device_placement, load_model, resolve_device
 
 
 def experiment_function(cfg: DictConfig) -> Callable:
@@ -96,11 +97,15 @@ def check_whatsup_data(cfg: DictConfig) -> None:
 
 
 def check_model(cfg: DictConfig) -> None:
-    """The model's depth is in its config, a checkpoint path exists and holds a config.json, the device exists."""
+    """The model's depth is in its config, its family and init exist, a checkpoint path exists and holds a
+    config.json, the device exists and the placement (device_map, max_memory) is one the loader takes."""
     model_depth(cfg)
+    check_choice("model family", cfg.model.family, ADAPTERS)
+    check_choice("model.init", cfg.model.init, INITS)
+    device = resolve_device(str(cfg.device))
     if cfg.model.init == "pretrained" and not cfg.model.get("twin"):
         _checked_path(str(cfg.model.path), cfg.model.get("made_by"))
-    resolve_device(str(cfg.device))
+        device_placement(cfg, ADAPTERS[cfg.model.family](cfg.model.modules), device)
 
 
 @dataclass
