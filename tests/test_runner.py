@@ -4,6 +4,7 @@ job and never share one, and a wrong experiment, model, setting or launcher is o
 Commands run in-process (`runner.main(argv)`) except where a separate process is the point (submitit, a figure
 script)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -90,7 +91,11 @@ def test_the_figure_order_is_written_once():
     sweeps = [entry["sweep"] for entry in figure_list()]
     assert set(sweeps) == set(group_choices("sweep")) and "paper" not in group_choices("sweep")
     demo = (REPO / "scripts" / "demo.sh").read_text()
-    assert "runner.paper" in demo and not any(f"figure {name}" in demo for name in sweeps)
+    assert "runner.paper" in demo
+    assert [name for name in set(sweeps) if name in demo] == ["table2_ablation"]     # only its size: n=96
+    code = ast.parse((REPO / "runner" / "paper.py").read_text())
+    strings = [node.value for node in ast.walk(code) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert not [text for text in strings[1:] if any(name in text for name in sweeps)]    # past its docstring
 
 
 @pytest.fixture
