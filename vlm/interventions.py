@@ -457,6 +457,10 @@ def forward(vlm, inputs, interventions: Iterable = (), visual: torch.Tensor | No
     at_visual = [i for i in interventions if i.site == VISUAL]
     if visual is None and at_visual and isinstance(at_visual[0], Set):
         visual, at_visual = at_visual[0].value, at_visual[1:]
+    if visual is None and at_visual and len(vlm.adapter.visual_modules(vlm.model)) > 1:
+        # visual embeddings made by several modules (Qwen3-VL's main and DeepStack mergers): computed first, so the
+        # edits reach every part together (the adapter's visual_parts)
+        visual = vlm.visual_tokens(inputs)
     if visual is None:
         with intervene(vlm, interventions):
             return vlm.adapter.forward(vlm.model, inputs, None, **kwargs)

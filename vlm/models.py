@@ -141,6 +141,9 @@ class VLM:
     @torch.no_grad()
     def visual_tokens(self, inputs) -> torch.Tensor:
         """(batch, tokens, hidden) visual embeddings of the inputs' images, tokens in row-major grid order."""
+        tokens = self.adapter.read_visual_tokens(self.model, inputs, self.n_visual_tokens)
+        if tokens is not None:              # a family whose visual embeddings are more than one module's output
+            return tokens
         with intervene(self, [Read(VISUAL)]) as read:
             self.adapter.image_features(self.model, inputs)
         return read[VISUAL]
@@ -177,6 +180,9 @@ def load_model(cfg: DictConfig) -> VLM:
     device = resolve_device(cfg.device)
     dtype = getattr(torch, mcfg.dtype)
     grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
+    problem = adapter.grid_error(grid, OmegaConf.to_container(mcfg.architecture, resolve=True))
+    if problem:                             # before anything loads: the processor would resize the images
+        raise UsageError(f"model {mcfg.name}: {problem}")
 
     if mcfg.init == "random":
         tokenizer, image_processor, config = build_parts(adapter, mcfg, cfg.system_prompt)
