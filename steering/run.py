@@ -27,10 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from common.errors import UsageError, check_choice
-from common.results import fmt_metric
 from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import load_splits, require_boxes, whatsup_root
+from data_gen.whatsup import load_splits, require_boxes, split_sizes, whatsup_root
 from probing.extract import load_or_extract
 from probing.probes import Probe, fit_item_probe, load_probe
 from steering.amplify import (
@@ -242,9 +241,13 @@ def amplification(cfg: DictConfig, get_vlm):
     arrays = {**probe.to_arrays("horizontal"), "candidates": np.array(scorer.candidates),
               "random_directions": random_dirs, "alphas": np.array(metrics["alphas"])}
     correct_none = []          # the unmodified run on every composite: the paper's None row (Table 1's column)
+    metrics["mean_p_answer"] = None      # P(true answer), unmodified, on train (common.results.measures_nothing)
+    metrics["p_uniform_token"] = 1.0 / len(vlm.tokenizer)
     if split_samples["train"]:
         train_probs, _ = score_samples(vlm, scorer, split_samples["train"], cfg.batch_size, desc="none on train")
-        correct_none += list(train_probs.argmax(-1) == [scorer.index(s.answer) for s in split_samples["train"]])
+        answers = [scorer.index(s.answer) for s in split_samples["train"]]
+        correct_none += list(train_probs.argmax(-1) == answers)
+        metrics["mean_p_answer"] = float(train_probs[np.arange(len(answers)), answers].mean())
     for name in ("val", "test"):
         samples = split_samples[name]
         pred, confidence = predictions(vlm, scorer, samples, probe, directions, cfg)
@@ -263,8 +266,40 @@ def amplification(cfg: DictConfig, get_vlm):
         chosen = metrics["grids"][method.split(".")[0]][k]
         metrics["chosen"][method] = chosen
         metrics["table"][method] = {"chosen": chosen, **metrics["splits"]["test"][method]["curve"][k]}
-    for method, m in metrics["table"].items():
-        value = f" at {setting_text(m['chosen'])}" if "chosen" in m else ""
-        print(f"{EXPERIMENT} {vlm.name} test {method}{value}: accuracy {m['accuracy']:.3f}, corrected "
-              f"{fmt_metric(m['corrected'])}, broken {fmt_metric(m['broken'])}")
     return metrics, arrays
+
+
+# --- for the runner ----------------------------------------------------------------------------------------
+
+def check(cfg: DictConfig) -> None:
+    """Every UsageError of check_inputs, before a model loads."""
+    check_inputs(cfg)
+
+
+def passes(cfg: DictConfig) -> dict:
+    """What a unit runs (runner.paper --dry-run), from the config: on val and test (both directions of every
+    composite) one forward per method and value (none, probe and random per alpha and seed, the attention
+    methods per coefficient), on train the unmodified run and the probe's embeddings; split sizes are
+    data_gen.whatsup.split_sizes of `setting.n_composites` (None when it is null: they are the data's)."""
+    n = cfg.setting.get("n_composites")
+    if n is None:
+        return {"lm": None, "vision": None, "patched": 0}
+    sizes = split_sizes(int(n), cfg.setting.splits)
+    alphas, seeds = len(list(cfg.alphas)), len(list(cfg.random_seeds))
+    coefficients = {*grid_values(cfg.scalingvis.coefficients), *grid_values(cfg.adaptvis.weight1),
+                    *grid_values(cfg.adaptvis.weight2)}
+    reweighting = len(grid_values(cfg.image_attention_reweighting.coefficients))
+    per_sample = 1 + alphas * (1 + seeds) + len(coefficients) + reweighting   # none, probe, random, attention
+    evaluated = 2 * (sizes["val"] + sizes["test"])                              # both directions
+    probe = 0 if cfg.probes_from not in (None, "") else (
+        sizes["train"] if cfg.n_train is None else min(int(cfg.n_train), sizes["train"]))
+    return {"lm": evaluated * per_sample + 2 * sizes["train"],     # + the unmodified run on train
+            "vision": evaluated + 2 * sizes["train"] + probe, "patched": 0}
+
+
+def summary(metrics: dict) -> str:
+    """Test accuracy with no intervention and with probe amplification at the alpha chosen on val."""
+    table = metrics["table"]
+    probe = next((m for method, m in table.items() if method.startswith("probe")), None)
+    amplified = f", probe amplification {probe['accuracy']:.3f} at {setting_text(probe['chosen'])}" if probe else ""
+    return f"test accuracy: none {table['none']['accuracy']:.3f}{amplified}"

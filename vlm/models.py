@@ -131,7 +131,8 @@ class VLM:
         and projector (the prompt is empty: they see only the pixels). Each batch's result is moved to `device`
         (default: stays on the model's); `desc` shows a progress bar."""
         out = []
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                          disable=True if desc is None else None):     # None: only on a terminal
             chunk = list(images[start:start + batch_size])
             tokens = self.visual_tokens(self.encode(chunk, [""] * len(chunk)))
             out.append(tokens if device is None else tokens.to(device))
@@ -204,6 +205,8 @@ def load_model(cfg: DictConfig) -> VLM:
 def _checked_path(path: str, made_by: str | None = None) -> str:
     local = Path(path).expanduser()
     if local.exists():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model.path {path!r} is not a checkpoint: no config.json")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         how = f"; it is made by `{made_by}`" if made_by else ""

@@ -416,22 +416,27 @@ def whatsup_last_token_pairs(composites: list[Composite], setting: Setting, n: i
     return pairs
 
 
-def split_composites(composites: list[Composite], fractions: Mapping[str, float], seed: int
-                     ) -> dict[str, list[Composite]]:
-    """Disjoint splits by composite, sized in proportion to `fractions` (non-negative, summing to 1), drawn
-    with `seed`, each in pair order. Composites of different splits may still share a photo (one photo pairs
-    with many others), never a composite image."""
+def split_sizes(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """How many of `n` composites each split gets: cumulative fractions rounded, the last split taking the rest
+    (so the sizes always sum to `n`). `fractions`: non-negative, summing to 1 (UsageError otherwise)."""
     names = list(fractions)
     values = np.array([float(fractions[name]) for name in names])
     if len(names) == 0 or (values < 0).any() or abs(values.sum() - 1) > 1e-6:
         raise UsageError(f"split fractions must be non-negative and sum to 1, got {dict(fractions)}")
+    bounds = np.round(np.cumsum(values) * n).astype(int)
+    bounds[-1] = n
+    return dict(zip(names, np.diff([0, *bounds.tolist()]).tolist(), strict=True))
+
+
+def split_composites(composites: list[Composite], fractions: Mapping[str, float], seed: int
+                     ) -> dict[str, list[Composite]]:
+    """Disjoint splits by composite, sized by `split_sizes`, drawn with `seed`, each in pair order. Composites
+    of different splits may still share a photo (one photo pairs with many others), never a composite image."""
     order = np.random.default_rng([seed, 1]).permutation(len(composites))
-    bounds = np.round(np.cumsum(values) * len(composites)).astype(int)
-    bounds[-1] = len(composites)
     splits, start = {}, 0
-    for name, end in zip(names, bounds.tolist(), strict=True):
-        splits[name] = [composites[i] for i in sorted(order[start:end].tolist())]
-        start = end
+    for name, size in split_sizes(len(composites), fractions).items():
+        splits[name] = [composites[i] for i in sorted(order[start:start + size].tolist())]
+        start += size
     return splits
 
 

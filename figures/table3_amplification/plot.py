@@ -3,7 +3,6 @@ AdaptVis on What'sUp composites, plus an image-attention reweighting that is not
 results/amplification/<model>/<setting>/metrics.json: table3.md, table3.json and one PNG of alpha curves per
 model and setting."""
 
-import argparse
 import json
 import math
 import sys
@@ -14,7 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.results import find_units  # noqa: E402
+from common.cli import no_results, plot_main  # noqa: E402
+from common.results import find_units, measures_nothing  # noqa: E402
 
 LABELS = {"none": "None", "random": "Random amp.", "scalingvis": "ScalingVis", "adaptvis": "AdaptVis",
           "image_attention_reweighting": "Attention reweighting (not ScalingVis)", "probe": "Ordering amp."}
@@ -45,6 +45,10 @@ def markdown(units: list[tuple[str, str, dict]]) -> str:
     lines = ["| model | setting | intervention | chosen on val | test acc. | % corr. fail. | % broken | n |",
              "|---|---|---|---|---|---|---|---|"]
     for model, setting, metrics in units:
+        nothing = measures_nothing(metrics)
+        if nothing:
+            lines.append(f"| {model} | {setting} | {nothing} | | | | | |")
+            continue
         for label, m in rows(metrics):
             kind = m["method"].split(".")[0]
             chosen = setting_text(m["chosen"]) if "chosen" in m else "–"
@@ -59,7 +63,17 @@ def markdown(units: list[tuple[str, str, dict]]) -> str:
 
 def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
     """Accuracy, % corrected and % broken against alpha, val (dashed) and test (solid), probe and random
-    directions; no intervention as a grey line; the chosen alpha marked."""
+    directions; no intervention as a grey line; the chosen alpha marked. A unit that measures nothing gets the
+    reason in place of the curves."""
+    nothing = measures_nothing(metrics)
+    if nothing:
+        fig, ax = plt.subplots(figsize=(6, 2), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{model} {setting}: amplification\n{nothing}", ha="center", va="center", fontsize=9,
+                wrap=True)
+        fig.savefig(path, dpi=150)
+        plt.close(fig)
+        return
     alphas = metrics["alphas"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True, layout="constrained")
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -75,7 +89,7 @@ def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
                 curve = metrics["splits"]["test"][method]["curve"]
                 ax.fill_between(alphas, [c["accuracy"] - c["accuracy_sd"] for c in curve],
                                 [c["accuracy"] + c["accuracy_sd"] for c in curve], color=colors[k % len(colors)],
-                                alpha=0.15, linewidth=0)
+                                alpha=0.15, linewidth=0, label=f"{method} test: +-1 s.d. across seeds")
             ax.axvline(metrics["chosen"][method]["alpha"], color=colors[k % len(colors)], linestyle=":", linewidth=1)
         if key == "accuracy":
             for split, style in (("val", "--"), ("test", "-")):
@@ -91,12 +105,10 @@ def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(results: Path, out: Path) -> int:
+def draw(results: Path, out: Path) -> int:
     found = find_units(results, "amplification")
     if not found:
-        print(f"error: no amplification results under {Path(results) / 'amplification'}; run "
-              f"scripts/table3_amplification.sh first", file=sys.stderr)
-        return 2
+        raise no_results("amplification", results, "table3_amplification")
     out.mkdir(parents=True, exist_ok=True)
     units = [(u.parent.name, u.name, json.loads((u / "metrics.json").read_text())["metrics"]) for u in found]
     table = markdown(units)
@@ -111,8 +123,4 @@ def main(results: Path, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
-    args = parser.parse_args()
-    sys.exit(main(args.results, args.out))
+    sys.exit(plot_main(draw, __doc__, __file__))
