@@ -125,7 +125,8 @@ def test_visual_embeddings_round_trip_through_the_modules_layout(vlm):
         assert tokens.shape == (2, vlm.n_visual_tokens, output.shape[-1])
         assert torch.equal(vlm.adapter.visual_output(tokens, output), output)
         parts.append(tokens)
-    torch.testing.assert_close(read[VISUAL], parts[0], rtol=0, atol=0)     # the "visual" site: the first module
+    # the "visual" site reads every module's tokens side by side, as the visual embeddings are
+    torch.testing.assert_close(read[VISUAL], torch.cat(parts, dim=-1), rtol=0, atol=0)
     joined = vlm.visual_tokens(inputs)
     torch.testing.assert_close(torch.cat(parts, dim=-1), joined)
     for part, split in zip(parts, vlm.adapter.visual_parts(joined, vlm.model), strict=True):
