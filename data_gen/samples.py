@@ -84,14 +84,14 @@ def setting_last_token_pairs(cfg: DictConfig) -> list[LastTokenPair]:
     return last_token_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations), cfg.counterfactual)
 
 
-def setting_mirror_pairs(cfg: DictConfig) -> tuple[list[MirrorPair], dict | None]:
+def setting_mirror_pairs(cfg: DictConfig, boxes: bool = False) -> tuple[list[MirrorPair], dict | None]:
     """`cfg.n_pairs` mirror pairs of `cfg.setting`, and for What'sUp the record of the composites left out (None
     for a synthetic setting): drawn (synthetic: the side items swapped in place) or What'sUp composites against
-    their mirror (`setting.mirror`: data, the dataset's photos in the other order, or flip); object patching
-    (`cfg.region` items) takes only composites with boxes."""
+    their mirror (`setting.mirror`: data, the dataset's photos in the other order, or flip); with `boxes` (object
+    patching) only composites whose items, and their mirror's, have boxes."""
     setting = Setting.from_config(cfg.setting)
     if setting_source(cfg) == "whatsup":
         return whatsup_mirror_pairs(load_whatsup(cfg), cfg.n_pairs, cfg.seed, str(cfg.setting.get("mirror", "data")),
-                                    boxes=cfg.get("region") == "items")
+                                    boxes=boxes)
     grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
     return mirror_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations)), None

@@ -88,16 +88,29 @@ class _Job:
     prefix: int             # the longest shareable prefix before the first patched position
     dst: torch.Tensor       # clean positions patched
     src: torch.Tensor       # counterfactual positions read
+    plan: PatchPlan
 
     @property
     def suffix(self) -> int:
         return self.clean.length - self.prefix
 
-    def patch(self) -> Replace:
-        """The patch on the hidden states entering layer `start` (the visual embeddings, in the input embeddings,
-        for start 0): the clean positions `dst` <- the counterfactual run's at `src`."""
-        site = VISUAL if self.start == 0 else layer_site(self.start - 1)
-        return Replace(site, self.dst, self.counterfactual.hidden(self.start)[None], self.src)
+    def row(self, prefix: int) -> Row:
+        """The patched run as a replay row over the positions from `prefix` on. Site "visual" (start 0): the
+        visual embeddings' positions of the input embeddings <- the counterfactual's, and the run's visual
+        embeddings (for what the LM adds after later layers) <- the counterfactual's at the plan's tokens. Site
+        layer l: decoder layer l's output at `dst` <- the counterfactual's at `src` (the same Replace the naive
+        reference hooks), then what the LM adds after layer l (nothing, or Qwen3-VL's DeepStack part)."""
+        if self.start == 0:
+            patch = Replace(VISUAL, self.dst, self.counterfactual.hidden(0)[None], self.src)
+            hidden = patch.edit(self.clean.hidden(0)[None, prefix:], offset=prefix)[0]
+            visual = Replace(VISUAL, self.plan.dst_tokens, self.counterfactual.visual,
+                             self.plan.src_tokens).edit(self.clean.visual)
+            return Row(self.clean, 0, prefix, hidden, visual=visual)
+        layer = self.start - 1
+        patch = Replace(layer_site(layer), self.dst, self.counterfactual.output(layer)[None], self.src)
+        hidden = patch.edit(self.clean.output(layer)[None, prefix:], offset=prefix)[0]
+        added = self.clean.injection(layer)
+        return Row(self.clean, self.start, prefix, hidden if added is None else hidden + added[prefix:])
 
 
 class PatchingEngine:
@@ -155,7 +168,7 @@ class PatchingEngine:
             clean, cf = records[2 * p], records[2 * p + 1]
             dst, src = pair.plan.positions(vlm, clean.inputs["input_ids"], cf.inputs["input_ids"])
             prefix = clean.shareable_prefix(int(dst.min()))
-            jobs += [_Job(p, s, clean, cf, 0 if site == VISUAL else int(site) + 1, prefix, dst, src)
+            jobs += [_Job(p, s, clean, cf, 0 if site == VISUAL else int(site) + 1, prefix, dst, src, pair.plan)
                      for s, site in enumerate(sites)]
         patched = torch.zeros(len(pairs), len(sites), len(self.scorer.candidates))
         jobs.sort(key=lambda job: job.suffix)
@@ -214,10 +227,7 @@ class PatchingEngine:
             if longest == suffix:
                 break
             suffix = longest
-        rows = []
-        for job, prefix in zip(chunk, prefixes, strict=True):
-            hidden = job.patch().edit(job.clean.hidden(job.start)[None, prefix:], offset=prefix)[0]
-            rows.append(Row(job.clean, job.start, prefix, hidden))
+        rows = [job.row(prefix) for job, prefix in zip(chunk, prefixes, strict=True)]
         return replayed_runs(self.vlm, rows, self.keep_cache)
 
 

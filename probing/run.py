@@ -29,7 +29,7 @@ from common.geometry import ORIENTATIONS, Grid, Layout
 from common.results import fmt_metric
 from data_gen.samples import setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import require_boxes, whatsup_root
+from data_gen.whatsup import require_boxes, split_sizes, whatsup_root
 from probing.extract import (
     Embeddings,
     check_arrangement,
@@ -190,10 +190,37 @@ def probes(cfg: DictConfig, get_vlm):
         arrays.update(probe.to_arrays(spec.name))
         arrays.update({f"{spec.name}.{key}": value for key, value in test_arrays.items()})
         arrays[f"{spec.name}.train_image_id"] = train.image_id
-    for probe_name, m in metrics.items():
-        print(f"{name} {cfg.model.name} {setting.name} {probe_name}: test accuracy {m['test_accuracy']:.3f}, "
-              f"strip agreement {fmt_metric(m['strip_agreement'])}")
     out = {"probes": metrics, "definitions": DEFINITIONS}
     if setting_source(cfg) == "whatsup":
         out["whatsup_composites"] = whatsup_probe_composites(cfg)
     return out, arrays
+
+
+# --- for the runner ----------------------------------------------------------------------------------------
+
+def check(cfg: DictConfig) -> None:
+    """Every UsageError a probing run raises on its config (check_inputs), before a model loads."""
+    check_choice("probing experiment", cfg.experiment.name, EXPERIMENTS)
+    check_inputs(cfg, Setting.from_config(cfg.setting), probe_specs(cfg))
+
+
+def passes(cfg: DictConfig) -> dict:
+    """What a unit runs (runner.paper --dry-run): vision passes only, one per image of each arrangement's train
+    and test splits (cached embeddings are not recomputed); What'sUp: the composites of its train and test
+    splits (data_gen.whatsup.split_sizes of `setting.n_composites`; None when it is null)."""
+    if setting_source(cfg) == "whatsup":
+        n = cfg.setting.get("n_composites")
+        if n is None:
+            return {"lm": 0, "vision": None, "patched": 0}
+        sizes = split_sizes(int(n), cfg.setting.splits)
+        images = sum(sizes[split] if cfg[key] is None else min(int(cfg[key]), sizes[split])
+                     for key, split in (("n_train", "train"), ("n_test", "test")))
+        return {"lm": 0, "vision": images, "patched": 0}
+    arrangements = len({spec.arrangement for spec in probe_specs(cfg)})
+    return {"lm": 0, "vision": arrangements * (int(cfg.n_train) + int(cfg.n_test)), "patched": 0}
+
+
+def summary(metrics: dict) -> str:
+    """Each probe's test accuracy on item tokens and strip agreement."""
+    return "test accuracy (strip agreement): " + ", ".join(
+        f"{name} {m['test_accuracy']:.2f} ({fmt_metric(m['strip_agreement'], 2)})" for name, m in metrics["probes"].items())

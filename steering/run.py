@@ -34,7 +34,6 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from common.errors import UsageError, check_choice
-from common.results import fmt_metric
 from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import Setting
 from data_gen.whatsup import load_splits, require_boxes, require_splits, split_sizes, whatsup_root
@@ -74,6 +73,7 @@ DEFINITIONS = {
               "metrics averaged over seeds",
     "none_all_composites": "the unmodified run's accuracy over every composite (train, val, test), both "
                            "directions: the paper's None row, equal to its Table 1 What'sUp column",
+    "mean_p_answer": "the true answer's mean probability in the unmodified run over every composite",
     "scalingvis": "the last query row's pre-softmax scores at image keys times the coefficient, every LM layer "
                   "(Chen et al. 2025, github.com/shiqichen17/AdaptVis)",
     "adaptvis": "ScalingVis with weight1 where the unmodified run's largest vocabulary probability, rounded to 2 "
@@ -270,24 +270,27 @@ def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, grids
         best(attention_method_probabilities(vlm, scorer, inputs, tokens, "image_attention_reweighting",
                                             s["coefficient"], rw.layers, rw.queries))
         for s in grids["image_attention_reweighting"]])
-    return out, confidence.numpy()
+    return out, confidence.numpy(), base.cpu().numpy()
 
 
 @torch.no_grad()
 def predictions(vlm, scorer, samples, probe: Probe, directions: dict, grids: dict, cfg: DictConfig,
-                desc: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """`batch_predictions` over every sample, `cfg.batch_size` per forward: {method: (..., n)} and AdaptVis'
-    confidence (n,). `directions`: "probe" (k, hidden) and "random" (seeds, k, hidden) tensors."""
+                desc: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """`batch_predictions` over every sample, `cfg.batch_size` per forward: {method: (..., n)}, AdaptVis'
+    confidence (n,) and the unmodified run's candidate probabilities (n, candidates). `directions`: "probe"
+    (k, hidden) and "random" (seeds, k, hidden) tensors."""
     parts: dict[str, list] = {}
-    confidences = []
+    confidences, plain = [], []
     for start in tqdm(range(0, len(samples), cfg.batch_size), desc=desc, unit="batch"):
         batch = samples[start:start + cfg.batch_size]
         inputs = vlm.encode([s.image for s in batch], [s.prompt for s in batch])
-        found, confidence = batch_predictions(vlm, scorer, inputs, probe, directions, grids, cfg)
+        found, confidence, probs = batch_predictions(vlm, scorer, inputs, probe, directions, grids, cfg)
         for name, values in found.items():
             parts.setdefault(name, []).append(values)
         confidences.append(confidence)
-    return {name: np.concatenate(values, axis=-1) for name, values in parts.items()}, np.concatenate(confidences)
+        plain.append(probs)
+    return ({name: np.concatenate(values, axis=-1) for name, values in parts.items()}, np.concatenate(confidences),
+            np.concatenate(plain))
 
 
 def split_metrics(pred: dict[str, np.ndarray], answer: np.ndarray) -> dict:
@@ -370,11 +373,14 @@ def amplification(cfg: DictConfig, get_vlm):
     arrays = {**probe.to_arrays("horizontal"), "candidates": np.array(scorer.candidates),
               "random_directions": random_dirs, "alphas": np.array(metrics["alphas"])}
 
+    p_answer = []         # P(true answer), unmodified, on every composite (common.results.measures_nothing)
+
     def evaluate(name: str, settings: dict) -> np.ndarray:
         """Run `settings` on split `name`: its metrics and arrays recorded; returns whether `none` was right."""
-        pred, confidence = predictions(vlm, scorer, samples[name], probe, directions, settings, cfg,
-                                       desc=f"amplification {vlm.name} {name}")
+        pred, confidence, plain = predictions(vlm, scorer, samples[name], probe, directions, settings, cfg,
+                                              desc=f"amplification {vlm.name} {name}")
         answer = np.array([scorer.index(s.answer) for s in samples[name]])
+        p_answer.extend(plain[np.arange(len(answer)), answer].tolist())
         metrics["splits"][name] = split_metrics(pred, answer)
         arrays.update({f"{name}.pred.{method}": values for method, values in pred.items()})
         arrays.update({f"{name}.adaptvis_confidence": confidence, f"{name}.answer": answer,
@@ -392,17 +398,33 @@ def amplification(cfg: DictConfig, get_vlm):
         train_answer = np.array([scorer.index(s.answer) for s in samples["train"]])
         arrays.update({"train.pred.none": probs.argmax(-1), "train.answer": train_answer})
         correct_none = np.concatenate([correct_none, probs.argmax(-1) == train_answer])
+        p_answer.extend(probs[np.arange(len(train_answer)), train_answer].tolist())
     report = metrics["splits"][report_split]
     metrics["none_all_composites"] = {"accuracy": float(np.mean(correct_none)), "n": len(correct_none)}
+    metrics["mean_p_answer"] = float(np.mean(p_answer))
+    metrics["p_uniform_token"] = 1.0 / len(vlm.tokenizer)
     metrics["table"] = {"none": report["none"]}
     for method in METHODS:
         k = 0 if cfg.protocol == "val_test" else grids[method].index(metrics["chosen"][method])
         metrics["table"][method] = {"chosen": metrics["chosen"][method], **report[method]["curve"][k]}
         if method == "random":
             metrics["table"][method]["per_seed"] = [seed[k] for seed in report[method]["per_seed"]]
-    for method, m in metrics["table"].items():
-        value = f" at {setting_text(m['chosen'])}" if "chosen" in m else ""
-        print(f"{EXPERIMENT} {vlm.name} {report_split} ({cfg.protocol}) {method}{value}: accuracy "
-              f"{m['accuracy']:.3f}, corrected {fmt_metric(m['corrected'])}, broken {fmt_metric(m['broken'])}")
     return metrics, arrays
+
+
+# --- for the runner ----------------------------------------------------------------------------------------
+
+def check(cfg: DictConfig) -> None:
+    """Every UsageError of check_inputs, before a model loads."""
+    check_inputs(cfg)
+
+
+def summary(metrics: dict) -> str:
+    """Accuracy on the report split with no intervention and with probe amplification at its chosen alpha, and
+    the protocol."""
+    table = metrics["table"]
+    probe = table.get("probe")
+    amplified = f", probe amplification {probe['accuracy']:.3f} at {setting_text(probe['chosen'])}" if probe else ""
+    return (f"{metrics.get('report_split', 'test')} accuracy ({metrics.get('protocol', 'val_test')}): none "
+            f"{table['none']['accuracy']:.3f}{amplified}")
 

@@ -136,7 +136,7 @@ def test_ablated_patching_has_layer_sites_only(twin):
     (["experiment=no_such_experiment"], "no_such_experiment"),
     (["experiment=ablation", "setting=whatsup"], "does not run on setting"),
     (["experiment=last_token", "setting=whatsup"], "data.whatsup_dir is not set"),
-    (["experiment=object_patching", "n_pairs=1", "region=diagonal"], "diagonal"),
+    (["experiment=object_patching", "n_pairs=1", "region=strips"], "unknown key 'region'"),   # the function decides
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
     done = subprocess.run([sys.executable, "-m", "runner", "model=tiny_qwen2vl", "device=cpu",

@@ -20,12 +20,13 @@ def squares(_twin):
     return Setting.from_config(make_cfg("setting=squares").setting)
 
 
-ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism"]
+ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism", "tiny_qwen2_5vl", "tiny_llava", "tiny_internvl3",
+                 "tiny_qwen3vl"]
 
 
 @pytest.fixture(params=ENGINE_MODELS, scope="module")
 def model(request):
-    """Both twins and the organism (trained, so patching moves its answers)."""
+    """Every family's twin and the organism (trained, so patching moves its answers)."""
     return load_twin(request.param)
 
 
@@ -66,7 +67,7 @@ def read_counterfactual(vlm, inputs, names):
     return acts
 
 
-def test_engine_equals_naive_loop_on_every_sweep(model):
+def test_engine_equals_naive_loop_on_every_sweep(model, request):
     """Every site of every kind of sweep, several pairs per pass and passes split small (batch_size=2), equal to
     one full forward per site to 1e-5 in float32."""
     setting = squares(model)
@@ -94,7 +95,7 @@ class LogitEngine(PatchingEngine):
         return super().candidates(runs)
 
 
-def test_engine_logits_equal_naive_logits(model):
+def test_engine_logits_equal_naive_logits(model, request):
     """The same equality on the next-token logits themselves (on the twins' real vocabularies a candidate's
     probability is tiny, so logits say more): every layer, last token and strips."""
     setting = squares(model)

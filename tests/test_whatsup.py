@@ -341,7 +341,7 @@ def test_flip_option_swaps_the_objects_and_flips_their_boxes(dataset):
     cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}", "setting.mirror=flip",
                   "experiment=object_patching", "n_pairs=4")
     grid = Grid.from_config(cfg.model.grid)
-    pairs, record = setting_mirror_pairs(cfg)
+    pairs, record = setting_mirror_pairs(cfg, boxes=True)
     assert record == {"mirror": "flip", "n": 26, "without_data_mirror": 0, "without_boxes": 0, "usable": 26}
     for pair in pairs:
         clean, mirror = pair.clean, pair.counterfactual
@@ -376,7 +376,7 @@ def test_data_mirror_is_the_datasets_photos_with_the_objects_swapped(dataset):
     cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}",
                   "experiment=object_patching", "n_pairs=6")
     grid = Grid.from_config(cfg.model.grid)
-    pairs, record = setting_mirror_pairs(cfg)
+    pairs, record = setting_mirror_pairs(cfg, boxes=True)
     assert record == {"mirror": "data", "n": 26, "without_data_mirror": 0, "without_boxes": 0, "usable": 26}
     data = load_whatsup(cfg)
     for pair in pairs:

@@ -389,6 +389,26 @@ def _site_hook(vlm, site: str, group: list, reads: dict):
     return layer_hook
 
 
+def _multi_module_reads(vlm, group: list, reads: dict) -> list:
+    """Reads of the visual embeddings of a family whose are several modules' outputs side by side (Qwen3-VL's main
+    and DeepStack mergers): each module's tokens kept as it runs, joined once all have. An edit there cannot be
+    hooked module by module: it goes through `forward`, which computes the embeddings first."""
+    if any(not isinstance(i, Read) for i in group):
+        raise SiteError(f"{vlm.name}'s visual embeddings come from several modules: edit them through "
+                        "vlm.interventions.forward (or VLM.last_logits / candidate_probabilities), not intervene")
+    modules = vlm.adapter.visual_modules(vlm.model)
+    parts: dict[int, torch.Tensor] = {}
+
+    def keep(index):
+        def hook(_module, _args, output):
+            parts[index] = vlm.adapter.visual_tokens(hidden_of(output), vlm.n_visual_tokens).detach()
+            if len(parts) == len(modules):
+                reads[VISUAL] = torch.cat([parts[i] for i in range(len(modules))], dim=-1)
+                parts.clear()
+        return hook
+    return [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
+
+
 @contextmanager
 def intervene(vlm, interventions: Iterable = ()):
     """Apply `interventions` to every forward of `vlm.model` run inside the block; yields a dict that fills with
@@ -414,6 +434,8 @@ def intervene(vlm, interventions: Iterable = ()):
                 scored[module] = group
             elif kind == "heads":
                 handles.append(module.register_forward_pre_hook(_site_hook(vlm, site, group, reads)))
+            elif kind == VISUAL and len(vlm.adapter.visual_modules(vlm.model)) > 1:
+                handles += _multi_module_reads(vlm, group, reads)
             else:
                 handles.append(module.register_forward_hook(_site_hook(vlm, site, group, reads)))
         if scored:
@@ -457,6 +479,10 @@ def forward(vlm, inputs, interventions: Iterable = (), visual: torch.Tensor | No
     at_visual = [i for i in interventions if i.site == VISUAL]
     if visual is None and at_visual and isinstance(at_visual[0], Set):
         visual, at_visual = at_visual[0].value, at_visual[1:]
+    if visual is None and at_visual and len(vlm.adapter.visual_modules(vlm.model)) > 1:
+        # visual embeddings made by several modules (Qwen3-VL's main and DeepStack mergers): computed first, so the
+        # edits reach every part together (the adapter's visual_parts)
+        visual = vlm.visual_tokens(inputs)
     if visual is None:
         with intervene(vlm, interventions):
             return vlm.adapter.forward(vlm.model, inputs, None, **kwargs)

@@ -131,7 +131,8 @@ class VLM:
         and projector (the prompt is empty: they see only the pixels). Each batch's result is moved to `device`
         (default: stays on the model's); `desc` shows a progress bar."""
         out = []
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                          disable=True if desc is None else None):     # None: only on a terminal
             chunk = list(images[start:start + batch_size])
             tokens = self.visual_tokens(self.encode(chunk, [""] * len(chunk)))
             out.append(tokens if device is None else tokens.to(device))
@@ -140,6 +141,9 @@ class VLM:
     @torch.no_grad()
     def visual_tokens(self, inputs) -> torch.Tensor:
         """(batch, tokens, hidden) visual embeddings of the inputs' images, tokens in row-major grid order."""
+        tokens = self.adapter.read_visual_tokens(self.model, inputs, self.n_visual_tokens)
+        if tokens is not None:              # a family whose visual embeddings are more than one module's output
+            return tokens
         with intervene(self, [Read(VISUAL)]) as read:
             self.adapter.image_features(self.model, inputs)
         return read[VISUAL]
@@ -176,6 +180,9 @@ def load_model(cfg: DictConfig) -> VLM:
     device = resolve_device(cfg.device)
     dtype = getattr(torch, mcfg.dtype)
     grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
+    problem = adapter.grid_error(grid, OmegaConf.to_container(mcfg.architecture, resolve=True))
+    if problem:                             # before anything loads: the processor would resize the images
+        raise UsageError(f"model {mcfg.name}: {problem}")
 
     if mcfg.init == "random":
         tokenizer, image_processor, config = build_parts(adapter, mcfg, cfg.system_prompt)
@@ -198,6 +205,8 @@ def load_model(cfg: DictConfig) -> VLM:
 def _checked_path(path: str, made_by: str | None = None) -> str:
     local = Path(path).expanduser()
     if local.exists():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model.path {path!r} is not a checkpoint: no config.json")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         how = f"; it is made by `{made_by}`" if made_by else ""

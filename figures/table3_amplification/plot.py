@@ -4,7 +4,6 @@ results/amplification/<model>/<setting>/metrics.json: table3.md, table3.json and
 model and setting. Each unit says its protocol: val_test (values chosen on val, reported on test) or paper (the
 best value over the grid on all composites, the paper's "up to")."""
 
-import argparse
 import json
 import math
 import sys
@@ -15,7 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common.results import find_units  # noqa: E402
+from common.cli import no_results, plot_main  # noqa: E402
+from common.results import find_units, measures_nothing  # noqa: E402
 
 LABELS = {"none": "None", "random": "Random amp.", "scalingvis": "ScalingVis", "adaptvis": "AdaptVis",
           "image_attention_reweighting": "Attention reweighting (not ScalingVis)", "probe": "Ordering amp."}
@@ -51,6 +51,10 @@ def markdown(units: list[tuple[str, str, dict]]) -> str:
     notes = []
     for model, setting, metrics in units:
         protocol = PROTOCOL_LABELS[metrics.get("protocol", "val_test")]
+        nothing = measures_nothing(metrics)
+        if nothing:
+            lines.append(f"| {model} | {setting} | {protocol} | {nothing} | | | | | |")
+            continue
         for label, m in rows(metrics):
             kind = m["method"].split(".")[0]
             chosen = setting_text(m["chosen"]) if "chosen" in m else "–"
@@ -76,7 +80,17 @@ def markdown(units: list[tuple[str, str, dict]]) -> str:
 def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
     """Accuracy, % corrected and % broken against alpha on the grid split (val: dashed; all composites under the
     paper protocol: solid), probe and random directions; the report split's value at the chosen alpha as a dot
-    (val_test); no intervention as grey lines; the chosen alpha dotted."""
+    (val_test); no intervention as grey lines; the chosen alpha dotted. A unit that measures nothing gets the
+    reason in place of the curves."""
+    nothing = measures_nothing(metrics)
+    if nothing:
+        fig, ax = plt.subplots(figsize=(6, 2), layout="constrained")
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{model} {setting}: amplification\n{nothing}", ha="center", va="center", fontsize=9,
+                wrap=True)
+        fig.savefig(path, dpi=150)
+        plt.close(fig)
+        return
     alphas = metrics["alphas"]
     grid_split, report_split = metrics.get("grid_split", "val"), metrics.get("report_split", "test")
     style = "--" if grid_split == "val" else "-"
@@ -92,7 +106,7 @@ def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
             if key == "accuracy" and method.startswith("random"):
                 ax.fill_between(alphas, [c["accuracy"] - c["accuracy_sd"] for c in curve],
                                 [c["accuracy"] + c["accuracy_sd"] for c in curve], color=color, alpha=0.15,
-                                linewidth=0)
+                                linewidth=0, label=f"{method} {grid_split}: +-1 s.d. across seeds")
             chosen = metrics["chosen"][method]["alpha"]
             if report_split != grid_split:
                 ax.plot([chosen], [metrics["table"][method][key]], "o", color=color, markersize=7,
@@ -116,12 +130,10 @@ def draw_curves(model: str, setting: str, metrics: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(results: Path, out: Path) -> int:
+def draw(results: Path, out: Path) -> int:
     found = find_units(results, "amplification")
     if not found:
-        print(f"error: no amplification results under {Path(results) / 'amplification'}; run "
-              f"scripts/table3_amplification.sh first", file=sys.stderr)
-        return 2
+        raise no_results("amplification", results, "table3_amplification")
     out.mkdir(parents=True, exist_ok=True)
     units = [(u.parent.name, u.name, json.loads((u / "metrics.json").read_text())["metrics"]) for u in found]
     table = markdown(units)
@@ -136,8 +148,4 @@ def main(results: Path, out: Path) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
-    args = parser.parse_args()
-    sys.exit(main(args.results, args.out))
+    sys.exit(plot_main(draw, __doc__, __file__))
