@@ -247,6 +247,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     # the None row over every composite: train, val and test, both directions each
     every = metrics["none_all_composites"]
     assert every["n"] == 2 * sum(len(c) for c in splits.values()) and 0 <= every["accuracy"] <= 1
+    assert 0 < metrics["mean_p_answer"] < 1 and metrics["p_uniform_token"] == 1 / len(twin.tokenizer)
 
     out = tmp_path / "figure"
     done = subprocess.run([sys.executable, "figures/table3_amplification/plot.py", "--results",
@@ -279,7 +280,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     probe = Probe.from_arrays(arrays, "horizontal")
     directions = {"probe": torch.from_numpy(rows.astype(np.float32)),
                   "random": torch.from_numpy(arrays["random_directions"])}
-    full, _ = predictions(twin, scorer, test, probe, directions, full_grids(cfg), cfg, desc="full grid")
+    full, _, _ = predictions(twin, scorer, test, probe, directions, full_grids(cfg), cfg, desc="full grid")
     for method in ("probe", "scalingvis", "adaptvis", "image_attention_reweighting"):
         k = metrics["grids"][method].index(metrics["chosen"][method])
         np.testing.assert_array_equal(full[method][k], arrays[f"test.pred.{method}"][0][:2])
