@@ -46,6 +46,8 @@ from common.cli import CONFIG_DIR, REPO_DIR, command, compose_config, split_over
 from common.errors import UsageError
 from common.results import unit_dir, unit_state
 from runner import execute, experiment_module, prepare
+from vlm.flops import layer_flops_per_token, peak_flops, vision_flops_per_image, work_flops
+from vlm.interventions import count_work
 from vlm.models import load_model
 
 GRID_KEYS = ("model", "setting")
@@ -226,18 +228,35 @@ def dry_run(the_plan: Plan) -> str:
 
 
 class _Loader:
-    """`get_vlm` for every unit of one model: loads it on the first call (one line), records how long it took."""
+    """`get_vlm` for every unit of one model: loads it on the first call (one line), records how long it took, and
+    counts the model's work from then on (vlm.interventions.count_work: positions through decoder layers, images
+    through the vision tower) with what one of each costs in FLOPs (vlm.flops), for the timing table."""
 
     def __init__(self, cfg: DictConfig, load_times: dict):
         self.cfg, self.load_times, self.loaded = cfg, load_times, []
+        self.counting = contextlib.ExitStack()
+        self.work, self.flops_per = None, (0.0, 0.0)
 
     def __call__(self):
         if not self.loaded:
             start = time.perf_counter()
-            self.loaded.append(load_model(self.cfg))
+            vlm = load_model(self.cfg)
+            self.loaded.append(vlm)
             self.load_times[self.cfg.model.name] = time.perf_counter() - start
+            self.flops_per = (layer_flops_per_token(vlm), vision_flops_per_image(vlm))
+            self.work = self.counting.enter_context(count_work(vlm))
             print(f"loaded {self.cfg.model.name} ({self.load_times[self.cfg.model.name]:.1f} s)", flush=True)
         return self.loaded[0]
+
+    def counted(self) -> tuple[int, float]:
+        """(positions x layers so far over the model's depth: full-depth LM tokens, model FLOPs so far)."""
+        if self.work is None:
+            return 0, 0.0
+        return self.work.token_layers // self.loaded[0].n_layers, work_flops(self.work, *self.flops_per)
+
+    def release(self):
+        self.counting.close()
+        self.loaded.clear()
 
 
 def draw(figure: str, results_dir: str, out: Path) -> tuple[bool, str]:
@@ -272,7 +291,7 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path | None, timin
 
     def entry_of(label):
         return timings.setdefault(label, {"wall_s": 0.0, "patched_runs": 0, "units_run": 0, "peak_gpu_gib": None,
-                                          "by_model": {}})
+                                          "lm_tokens": 0, "model_flops": 0.0, "peak_flops": 0.0, "by_model": {}})
     cuda = torch.cuda.is_available()
     by_model: dict[str, list[tuple[Figure, DictConfig]]] = {}
     for figure in figures:
@@ -284,6 +303,7 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path | None, timin
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
+            tokens_before, flops_before = loader.counted()
             try:
                 status = execute(cfg, loader)
             except UsageError as err:
@@ -297,8 +317,13 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path | None, timin
             if status != "done":
                 continue
             seconds = time.perf_counter() - start
+            tokens, flops = loader.counted()
             entry = entry_of(figure.label)
             entry["wall_s"] += seconds
+            entry["lm_tokens"] += tokens - tokens_before
+            entry["model_flops"] += flops - flops_before
+            peak = peak_flops(loader.loaded[0].device) if loader.loaded else None
+            entry["peak_flops"] += (peak or 0.0) * seconds           # the peak's FLOPs over this unit's time
             entry["patched_runs"] += unit_passes(cfg)["patched"] or 0
             entry["units_run"] += 1
             per_model = entry["by_model"].setdefault(model, {"wall_s": 0.0, "peak_gpu_gib": None})
@@ -308,7 +333,7 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path | None, timin
                 entry["peak_gpu_gib"] = max(peak, entry["peak_gpu_gib"] or 0.0)
                 per_model["peak_gpu_gib"] = max(peak, per_model["peak_gpu_gib"] or 0.0)
             save()
-        loader.loaded.clear()
+        loader.release()
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -316,6 +341,8 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path | None, timin
         entry = entry_of(figure.label)
         entry["units"] = len(figure.units)
         entry["patched_runs_per_s"] = entry["patched_runs"] / entry["wall_s"] if entry["patched_runs"] else None
+        entry["lm_tokens_per_s"] = entry["lm_tokens"] / entry["wall_s"] if entry["wall_s"] else None
+        entry["fraction_of_peak"] = entry["model_flops"] / entry["peak_flops"] if entry["peak_flops"] else None
     drawn, start = [], time.perf_counter()
     for name in dict.fromkeys(cfg.experiment.figure for figure in figures for cfg in figure.units):
         if name is None:
@@ -336,7 +363,11 @@ def run(figures: list[Figure], results_dir: str, figures_dir: Path | None, timin
 
 
 def timing_table(timings: dict) -> str:
-    rows = [f"{'figure':34} {'units run':>9} {'wall s':>9} {'patched runs/s':>15} {'peak GPU GiB':>13}"]
+    """Per figure: units run, wall seconds, patched runs per second, peak GPU memory, LM tokens per second
+    (positions through every decoder layer, over the depth: full-depth tokens) and the fraction of the GPU's dense
+    bf16 peak that the model FLOPs (decoder-layer and vision-tower matrix products, vlm/flops.py) reached."""
+    rows = [f"{'figure':34} {'units run':>9} {'wall s':>9} {'patched runs/s':>15} {'peak GPU GiB':>13} "
+            f"{'LM tokens/s':>12} {'of peak':>8}"]
     wall = timings.get("_plot_s", 0.0)
     for label, entry in timings.items():
         if label.startswith("_"):
@@ -344,8 +375,10 @@ def timing_table(timings: dict) -> str:
         wall += entry["wall_s"]
         rate = "-" if entry.get("patched_runs_per_s") is None else f"{entry['patched_runs_per_s']:.1f}"
         peak = "-" if entry["peak_gpu_gib"] is None else f"{entry['peak_gpu_gib']:.1f}"
+        tokens = "-" if entry.get("lm_tokens_per_s") is None else f"{entry['lm_tokens_per_s']:.0f}"
+        share = "-" if entry.get("fraction_of_peak") is None else f"{entry['fraction_of_peak']:.1%}"
         rows.append(f"{label:34} {entry['units_run']:>4}/{entry.get('units', 0):<4} {entry['wall_s']:9.1f} "
-                    f"{rate:>15} {peak:>13}")
+                    f"{rate:>15} {peak:>13} {tokens:>12} {share:>8}")
     loads = sum(timings.get("_load_s", {}).values())
     rows.append(f"{'model loading; plots':34} {'':9} {loads:9.1f} {timings.get('_plot_s', 0.0):15.1f}")
     rows.append(f"{'total':34} {'':9} {wall + loads:9.1f}")

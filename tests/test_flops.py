@@ -35,3 +35,24 @@ def test_peaks_are_known_for_gpus_only():
     assert peak_flops("cpu") is None
     assert utilisation(1e12, 1.0, None) is None
     assert utilisation(5e14, 1.0, 1e15) == 0.5
+
+
+def test_counted_work_is_every_layer_call_and_every_image(twin):
+    """count_work: one plain forward of a batch is batch x length positions through every decoder layer and batch
+    images through the vision tower; a replayed last position adds one position per layer it runs."""
+    from PIL import Image
+
+    from vlm.interventions import count_work
+    from vlm.replay import last_position_row, record, replayed_runs
+
+    white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
+    inputs = twin.encode([white, white], ["The color of the square above the red square is"] * 2)
+    with count_work(twin) as work:
+        twin.last_logits(inputs)
+    batch, length = inputs["input_ids"].shape
+    assert (work.token_layers, work.images) == (batch * length * twin.n_layers, batch)
+    one = twin.encode([white], ["The color of the square above the red square is"])
+    records = record(twin, [one], [twin.visual_tokens(one)], batch_size=1)
+    with count_work(twin) as work:
+        replayed_runs(twin, [last_position_row(records[0], [])], keep_cache=False)
+    assert (work.token_layers, work.images) == (twin.n_layers, 0)

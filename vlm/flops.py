@@ -40,6 +40,27 @@ def count_flops(fn) -> tuple[object, int]:
     return out, int(counter.get_total_flops())
 
 
+def layer_flops_per_token(vlm) -> float:
+    """FLOPs of one position through one decoder layer, its matrix products only (2 per weight of the layer's
+    projections; attention's own products, about 1% at these lengths and widths, are left out)."""
+    weights = sum(p.numel() for p in vlm.decoder_layers.parameters() if p.dim() == 2)
+    return 2.0 * weights / vlm.n_layers
+
+
+@torch.no_grad()
+def vision_flops_per_image(vlm) -> int:
+    """FLOPs of one image through the vision tower and projector (counted on a blank image of the model's size)."""
+    from PIL import Image
+
+    inputs = vlm.encode([Image.new("RGB", (vlm.grid.width, vlm.grid.height), "white")], [""])
+    return count_flops(lambda: vlm.visual_tokens(inputs))[1]
+
+
+def work_flops(work, per_token_layer: float, per_image: float) -> float:
+    """Model FLOPs of counted work (vlm.interventions.count_work)."""
+    return work.token_layers * per_token_layer + work.images * per_image
+
+
 def peak_flops(device) -> float | None:
     """The dense bf16 peak of `device` in FLOP/s; None for a CPU or a GPU not in PEAK_BF16_TFLOPS."""
     device = torch.device(device)

@@ -520,3 +520,36 @@ def record_calls(modules: Sequence[torch.nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@dataclass
+class Work:
+    """What ran through the model: positions times decoder layers (every layer call, whatever the route: full
+    forwards, recorded forwards, replayed rows, answer continuations) and images through the visual module."""
+
+    token_layers: int = 0
+    images: int = 0
+
+
+@contextmanager
+def count_work(vlm):
+    """Count the model's work (`Work`) while the block runs: a forward pre-hook on every decoder layer adds its
+    input's positions, a hook on the visual module its images."""
+    work = Work()
+
+    def layer_call(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        work.token_layers += int(hidden.shape[0]) * int(hidden.shape[1])
+
+    def visual_call(_module, _args, output):
+        work.images += int(vlm.adapter.visual_tokens(hidden_of(output), vlm.n_visual_tokens).shape[0])
+
+    handles = []
+    try:
+        for layer in vlm.decoder_layers:
+            handles.append(layer.register_forward_pre_hook(layer_call, with_kwargs=True))
+        handles.append(vlm.visual_embedding_module.register_forward_hook(visual_call))
+        yield work
+    finally:
+        for handle in handles:
+            handle.remove()
