@@ -25,7 +25,7 @@ from data_gen.pairs import COUNTERFACTUALS
 from data_gen.render import random_samples
 from data_gen.samples import setting_last_token_pairs, setting_mirror_pairs, setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import require_boxes
+from data_gen.whatsup import MIRRORS, require_boxes
 from patching.ablation import Ablator
 from patching.engine import PairInput, PatchingEngine, PatchPlan
 from vlm.interventions import VISUAL
@@ -47,11 +47,7 @@ def mirror_plan(grid: Grid, pair, region: str) -> PatchPlan:
     strips, token for token in row-major order: a synthetic mirror keeps both boxes in place, a What'sUp mirror
     image has the mirrored boxes, which have the same shapes."""
     check_choice("patching region", region, REGIONS)
-
-    def regions(sample):
-        return [item.token_box for item in sample.items] if region == "items" else sample.strips
-
-    clean, mirror = regions(pair.clean), regions(pair.counterfactual)
+    clean, mirror = pair.regions(region)
     first, last = token_indices(grid, clean[0]), token_indices(grid, clean[2])
     return PatchPlan(first + last, token_indices(grid, mirror[2]) + token_indices(grid, mirror[0]))
 
@@ -136,7 +132,7 @@ def mirror_sweep(cfg: DictConfig, get_vlm, region: str, ablate: bool):
     check_choice("patching region", region, REGIONS)
     if setting_source(cfg) == "whatsup" and region == "items":
         require_boxes(cfg, "object patching on What'sUp composites (region=items)")
-    pairs = setting_mirror_pairs(cfg)                  # bad data is refused before the model loads
+    pairs, whatsup_pairs = setting_mirror_pairs(cfg, boxes=region == "items")   # bad data: refused before loading
     setting, vlm = Setting.from_config(cfg.setting), get_vlm()
     scorer = AnswerScorer(vlm.tokenizer, setting.candidates)
     plans = [mirror_plan(vlm.grid, pair, region) for pair in pairs]
@@ -148,6 +144,8 @@ def mirror_sweep(cfg: DictConfig, get_vlm, region: str, ablate: bool):
     metrics, arrays = sweep(vlm, scorer, pairs, plans, sweep_sites(vlm, cfg), cfg, visuals,
                             desc=f"{cfg.experiment.name} {setting.name}")
     metrics["region"], metrics["ablated"] = region, ablate
+    if whatsup_pairs is not None:       # What'sUp: the mirror used and the composites left out of the pairs
+        metrics["whatsup_pairs"] = whatsup_pairs
     return metrics, arrays
 
 
@@ -194,6 +192,9 @@ def ablation(cfg: DictConfig, get_vlm):
             greedy[name] += scorer.greedy_candidate(logits, scores)
     probs = {k: torch.cat(v).numpy() for k, v in probs.items()}
     metrics = {name: accuracy_metrics(samples, probs[name], scorer.candidates, greedy[name]) for name in probs}
+    # the paper's chance (section 5.3.1: 33.3%, one of the image's three items) and one of the candidates
+    metrics["chance"] = {"items": float(np.mean([1 / len(s.items) for s in samples])),
+                         "candidates": 1 / len(scorer.candidates)}
     arrays = {f"probs_{k}": v.astype(np.float32) for k, v in probs.items()}
     arrays |= {"candidates": np.array(scorer.candidates), "answer": np.array([s.answer for s in samples]),
                "direction": np.array([s.direction for s in samples]),
@@ -228,6 +229,8 @@ def check(cfg: DictConfig) -> None:
                              f"is for synthetic settings")
     if function == "object_patching" and setting_source(cfg) == "whatsup":
         require_boxes(cfg, "object patching on What'sUp composites (region=items)")
+    if function in ("object_patching", "strip_patching") and setting_source(cfg) == "whatsup":
+        check_choice("setting.mirror", cfg.setting.get("mirror", "data"), MIRRORS)
 
 
 def passes(cfg: DictConfig) -> dict:
@@ -249,8 +252,10 @@ def summary(metrics: dict) -> str:
     """A unit's main number: ablation's accuracy before and after; a sweep's peak of each outcome but the clean
     answer (where it peaks)."""
     if "original" in metrics:
+        chance = metrics.get("chance", {"items": 1 / 3, "candidates": metrics["ablated"]["chance"]})
         return (f"accuracy {metrics['original']['accuracy']:.3f} -> ablated {metrics['ablated']['accuracy']:.3f} "
-                f"(chance {metrics['ablated']['chance']:.3f}, n={metrics['ablated']['n']})")
+                f"(chance {chance['items']:.3f}: one of 3 items, as the paper; {chance['candidates']:.3f}: one of "
+                f"the candidates; n={metrics['ablated']['n']})")
     parts = []
     for name, stats in metrics["outcomes"].items():
         if name == "clean":

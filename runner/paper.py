@@ -181,9 +181,9 @@ def unit_passes(cfg: DictConfig) -> dict:
 
 
 def total(units: list[DictConfig]) -> dict:
-    out = {"lm": 0, "vision": 0, "patched": 0}
+    out = {"lm": 0, "vision": 0, "patched": 0, "replayed": 0}
     for cfg in units:
-        for key, value in unit_passes(cfg).items():
+        for key, value in {"replayed": 0, **unit_passes(cfg)}.items():     # replayed: Table 3 only
             out[key] = None if value is None or out[key] is None else out[key] + value
     return out
 
@@ -194,8 +194,8 @@ def fmt(value) -> str:
 
 def dry_run(the_plan: Plan) -> str:
     rows = [f"{'figure':34} {'units':>9} {'LM forwards':>12} {'vision passes':>14} {'patched runs':>13} "
-            f"{'naive LM forwards':>18}"]
-    grand = {"lm": 0, "vision": 0, "patched": 0}
+            f"{'naive LM forwards':>18} {'replayed rows':>14}"]
+    grand = {"lm": 0, "vision": 0, "patched": 0, "replayed": 0}
     for figure in the_plan.figures:
         states = [unit_state(unit_dir(cfg), cfg)[0] for cfg in figure.units]
         counts = total(figure.units)
@@ -206,21 +206,24 @@ def dry_run(the_plan: Plan) -> str:
             naive = naive // 2 + counts["patched"]
         done = f"{states.count('same')}/{len(states)} done"
         rows.append(f"{figure.label:34} {done:>9} {fmt(counts['lm']):>12} "
-                    f"{fmt(counts['vision']):>14} {fmt(counts['patched']):>13} {fmt(naive):>18}")
+                    f"{fmt(counts['vision']):>14} {fmt(counts['patched']):>13} {fmt(naive):>18} "
+                    f"{fmt(counts['replayed']):>14}")
         models = sorted({cfg.model.name for cfg in figure.units})
         settings = sorted({cfg.setting.name for cfg in figure.units})
         differ = states.count("different")
         rows.append(f"  {' x '.join([','.join(models), ','.join(settings)])}"
                     + (f"  ({differ} finished with other values: redo=true to overwrite)" if differ else ""))
     rows.append(f"{'total':34} {'':>9} {fmt(grand['lm']):>12} {fmt(grand['vision']):>14} "
-                f"{fmt(grand['patched']):>13}")
+                f"{fmt(grand['patched']):>13} {'':>18} {fmt(grand['replayed']):>14}")
     rows += left_out_lines(the_plan.left_out)
     rows.append("LM forwards: full-length sequences (image and prompt) through the LM (patching: the clean and "
                 "counterfactual runs, once per pair); vision passes: images through the vision tower (cached "
                 "probe embeddings are not recomputed); patched runs: one per pair and site, each replayed by the "
                 "engine from the layer after its site over the positions from the first patched one "
                 "(docs/performance.md); naive LM forwards: what one full forward per patched run would make "
-                "(the counterfactual once per pair, then every site)")
+                "(the counterfactual once per pair, then every site); replayed rows: Table 3's attention-method "
+                "evaluations replayed at the last query row from a recorded forward (steering/run.py, "
+                "ATTENTION_PASS; counted as LM forwards while they are full forwards)")
     return "\n".join(rows)
 
 
