@@ -222,8 +222,8 @@ def dry_run(the_plan: Plan) -> str:
                 "engine from the layer after its site over the positions from the first patched one "
                 "(docs/performance.md); naive LM forwards: what one full forward per patched run would make "
                 "(the counterfactual once per pair, then every site); replayed rows: Table 3's attention-method "
-                "evaluations replayed at the last query row from a recorded forward (steering/run.py, "
-                "ATTENTION_PASS; counted as LM forwards while they are full forwards)")
+                "evaluations (ScalingVis, AdaptVis, reweighting), each the last position replayed through the "
+                "LM from the sample's recorded forward (steering/run.py)")
     return "\n".join(rows)
 
 

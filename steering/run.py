@@ -49,19 +49,26 @@ from steering.amplify import (
     random_directions,
     token_classes,
 )
-from steering.reweighting import reweighting_edits
-from steering.scalingvis import adaptvis_confidence, adaptvis_rows, choose_coefficients, scalingvis_edits
-from vlm.scoring import AnswerScorer, candidate_probabilities, score_samples
+from steering.reweighting import reweighting_edits, reweighting_rows
+from steering.scalingvis import adaptvis_confidence, adaptvis_rows, choose_coefficients, scalingvis_rows
+from vlm.replay import record, recorded_runs
+from vlm.scoring import (
+    AnswerScorer,
+    candidate_probabilities,
+    replayed_probabilities,
+    run_probabilities,
+    score_samples,
+)
 
 EXPERIMENT = "amplification"
 PROTOCOLS = ("val_test", "paper")
 METHODS = ("probe", "random", "scalingvis", "adaptvis", "image_attention_reweighting")
 ATTENTION_METHODS = ("scalingvis", "adaptvis", "image_attention_reweighting")
 REWEIGHTING_QUERIES = ("last", "all")   # steering.reweighting.QUERIES
-# What one attention-method evaluation costs in the dry run's counts: a full LM forward today. When
-# `attention_method_probabilities` replays the last query row from a recorded forward instead, this becomes
-# "replayed" and passes(cfg) counts those rows apart from the full forwards.
-ATTENTION_PASS = "lm"
+# What one attention-method evaluation costs in the dry run's counts: the last position replayed from the sample's
+# recorded plain forward (attention_method_probabilities), counted apart from full forwards; the reweighting of
+# every query row (`image_attention_reweighting.queries: all`) changes every position: a full forward each.
+ATTENTION_PASS = "replayed"
 DEFINITIONS = {
     "corrected": "fraction of the samples the unmodified run answered wrong that the method answers right",
     "broken": "fraction of the samples the unmodified run answered right that the method answers wrong",
@@ -207,30 +214,36 @@ def scalingvis_runs(grids: dict) -> tuple[list[float], bool]:
     return coefficients + [w for w in weights if w not in coefficients], False
 
 
-def per_sample_passes(grids: dict, seeds: int) -> dict[str, int]:
-    """LM passes one sample costs under `grids`: `full` forwards with changed visual embeddings (none, each probe
-    alpha, each random alpha and seed) and `attention` evaluations (ScalingVis runs, AdaptVis' own forward,
-    each reweighting coefficient)."""
+def per_sample_passes(grids: dict, seeds: int, reweight_every_row: bool = False) -> dict[str, int]:
+    """LM passes one sample costs under `grids`: `full` forwards (the recorded plain one, then one per probe alpha
+    and per random alpha and seed) and `attention` evaluations replayed at the last position (ScalingVis runs,
+    AdaptVis' own run, each reweighting coefficient; full forwards when the reweighting changes every row)."""
     coefficients, own = scalingvis_runs(grids)
-    return {"full": 1 + len(grids["probe"]) + seeds * len(grids["random"]),
-            "attention": len(coefficients) + int(own) + len(grids["image_attention_reweighting"])}
+    reweighting = len(grids["image_attention_reweighting"])
+    return {"full": 1 + len(grids["probe"]) + seeds * len(grids["random"]) + reweighting * reweight_every_row,
+            "attention": len(coefficients) + int(own) + reweighting * (not reweight_every_row)}
 
 
-def attention_method_probabilities(vlm, scorer: AnswerScorer, inputs, visual: torch.Tensor, method: str,
-                                   coefficients, layers, queries: str = "last") -> torch.Tensor:
+def attention_method_probabilities(vlm, scorer: AnswerScorer, records: list, inputs, visual: torch.Tensor,
+                                   method: str, coefficients, layers, queries: str = "last",
+                                   batch_size: int = 8) -> torch.Tensor:
     """(batch, candidates) probabilities of one encoded batch under an attention method, the one place every
     ScalingVis, AdaptVis and reweighting evaluation goes through: `method` scalingvis or adaptvis (the last query
     row's pre-softmax image-key scores times `coefficients`: a number, or one per sample for AdaptVis) or
-    image_attention_reweighting (`queries` rows reweighted), in the LM decoder `layers`, with the batch's
-    `visual` embeddings (batch, tokens, hidden); the answer's later tokens continue unmodified from the prompt's
-    cache (vlm.scoring)."""
+    image_attention_reweighting (`queries` rows reweighted), in the LM decoder `layers`. The edits change the
+    last query row only (all but `queries: all`), so each sample's last position is replayed from its recorded
+    plain forward (`records`, vlm/replay.py; equal to the full forward, tests/test_attention_scaling.py); `queries:
+    all` runs full forwards over `inputs` with the batch's `visual` embeddings. The answer's later tokens continue
+    unmodified from each run's own keys and values (vlm.scoring)."""
     check_choice("attention method", method, ATTENTION_METHODS)
-    ids = inputs["input_ids"]
+    if method == "image_attention_reweighting" and queries == "all":
+        edits = reweighting_edits(vlm, inputs["input_ids"], coefficients, layers, queries)
+        return candidate_probabilities(vlm, scorer, inputs, visual, edits)[0]
     if method == "image_attention_reweighting":
-        edits = reweighting_edits(vlm, ids, coefficients, layers, queries)
+        rows = reweighting_rows(vlm, records, coefficients, layers)
     else:
-        edits = scalingvis_edits(vlm, ids, coefficients, layers)
-    return candidate_probabilities(vlm, scorer, inputs, visual, edits)[0]
+        rows = scalingvis_rows(vlm, records, coefficients, layers)
+    return replayed_probabilities(vlm, scorer, rows, batch_size)
 
 
 def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, grids: dict, cfg: DictConfig):
@@ -241,6 +254,8 @@ def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, grids
     sv, rw = cfg.scalingvis, cfg.image_attention_reweighting
     tokens = vlm.visual_tokens(inputs)
     classes = token_classes(probe, tokens) if cfg.directions_per_token == "predicted" else None
+    # each sample's plain forward, recorded once: the unmodified run, and what the attention methods replay
+    records = record(vlm, vlm.adapter.split_batch(inputs), list(tokens[:, None]), cfg.batch_size)
 
     def best(probs) -> np.ndarray:
         return probs.argmax(-1).cpu().numpy()
@@ -250,25 +265,28 @@ def batch_predictions(vlm, scorer, inputs, probe: Probe, directions: dict, grids
                                                                                    s["alpha"], classes))[0])
                          for s in settings])
 
-    base, base_logits = candidate_probabilities(vlm, scorer, inputs, tokens)
+    base = run_probabilities(vlm, scorer, torch.stack([rec.logits for rec in records]),
+                             lambda: recorded_runs(records, True).caches(vlm.adapter))
+    base_logits = torch.stack([rec.logits for rec in records])
     out = {"none": best(base), "probe": amplified(directions["probe"], grids["probe"]),
            "random": np.stack([amplified(d, grids["random"]) for d in directions["random"]])}
     confidence = adaptvis_confidence(base_logits)                          # of the unmodified run
     coefficients, own = scalingvis_runs(grids)
-    scaled = {c: attention_method_probabilities(vlm, scorer, inputs, tokens, "scalingvis", c, sv.layers)
-              for c in coefficients}
+    def attention(method, coefficient, layers, queries="last"):
+        return attention_method_probabilities(vlm, scorer, records, inputs, tokens, method, coefficient, layers,
+                                              queries, cfg.batch_size)
+
+    scaled = {c: attention("scalingvis", c, sv.layers) for c in coefficients}
     out["scalingvis"] = np.stack([best(scaled[s["coefficient"]]) for s in grids["scalingvis"]])
     if own:
         (s,) = grids["adaptvis"]
         chosen = choose_coefficients(confidence, s["threshold"], s["weight1"], s["weight2"])
-        out["adaptvis"] = best(attention_method_probabilities(vlm, scorer, inputs, tokens, "adaptvis", chosen,
-                                                              sv.layers))[None]
+        out["adaptvis"] = best(attention("adaptvis", chosen, sv.layers))[None]
     else:
         out["adaptvis"] = np.stack([best(adaptvis_rows(confidence, s["threshold"], scaled[s["weight1"]],
                                                        scaled[s["weight2"]])) for s in grids["adaptvis"]])
     out["image_attention_reweighting"] = np.stack([
-        best(attention_method_probabilities(vlm, scorer, inputs, tokens, "image_attention_reweighting",
-                                            s["coefficient"], rw.layers, rw.queries))
+        best(attention("image_attention_reweighting", s["coefficient"], rw.layers, rw.queries))
         for s in grids["image_attention_reweighting"]])
     return out, confidence.numpy(), base.cpu().numpy()
 
@@ -331,13 +349,14 @@ def passes(cfg: DictConfig) -> dict:
     total = sum(sizes.values())
     seeds = len(list(cfg.random_seeds))
     grids = full_grids(cfg)
+    every_row = cfg.image_attention_reweighting.queries == "all"
     if cfg.protocol == "val_test":
         chosen = {method: settings[:1] for method, settings in grids.items()}    # one value each, on test
-        runs = [(2 * sizes["val"], per_sample_passes(grids, seeds)),
-                (2 * sizes["test"], per_sample_passes(chosen, seeds)),
+        runs = [(2 * sizes["val"], per_sample_passes(grids, seeds, every_row)),
+                (2 * sizes["test"], per_sample_passes(chosen, seeds, every_row)),
                 (2 * (total - sizes["val"] - sizes["test"]), {"full": 1, "attention": 0})]   # none on the rest
     else:
-        runs = [(2 * total, per_sample_passes(grids, seeds))]
+        runs = [(2 * total, per_sample_passes(grids, seeds, every_row))]
     counts = {"lm": 0, "replayed": 0}
     for samples, per_sample in runs:
         counts["lm"] += samples * per_sample["full"]

@@ -33,13 +33,17 @@ def test_plan_covers_every_figure_and_counts_passes_from_the_configs():
     with_whatsup = plan(["model=organism", "data.whatsup_dir=/nowhere", "data.whatsup_boxes=/nowhere/b.json",
                          "figures=table3_amplification"]).figures
     assert [figure.name for figure in with_whatsup] == ["table3_amplification"]
-    # Table 3 (steering.run.passes): protocol val_test runs every grid on val (2 x 108 samples x 72 passes: none,
-    # 15 alphas, 15 x 3 random, 6 ScalingVis + 5 reweighting), each method once on test (2 x 322 x 8), none on
-    # train (2 x 644); protocol=paper runs every grid on all 1074 composites
-    assert unit_passes(with_whatsup[0].units[0])["lm"] == 2 * 108 * 72 + 2 * 322 * 8 + 2 * 644 == 21_992
+    # Table 3 (steering.run.passes): protocol val_test runs every grid on val (2 x 108 samples x 61 full forwards:
+    # the recorded plain one, 15 alphas, 15 x 3 random; and 11 last positions replayed: 6 ScalingVis coefficients,
+    # which AdaptVis' grid reads, + 5 reweighting), each method once on test (2 x 322 x (5 full + 3 replayed)),
+    # none on train (2 x 644); protocol=paper runs every grid on all 1074 composites
+    table3 = unit_passes(with_whatsup[0].units[0])
+    assert table3["lm"] == 2 * 108 * 61 + 2 * 322 * 5 + 2 * 644 == 17_684
+    assert table3["replayed"] == 2 * 108 * 11 + 2 * 322 * 3
     paper = plan(["model=organism", "data.whatsup_dir=/nowhere", "data.whatsup_boxes=/nowhere/b.json",
                   "figures=table3_amplification", "protocol=paper"]).figures
-    assert unit_passes(paper[0].units[0])["lm"] == 2 * 1074 * 72
+    assert unit_passes(paper[0].units[0])["lm"] == 2 * 1074 * 61
+    assert unit_passes(paper[0].units[0])["replayed"] == 2 * 1074 * 11
 
 
 def test_whatsup_pass_counts_use_the_splitters_own_sizes():

@@ -12,6 +12,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+import steering.run
 from common.errors import UsageError
 from common.results import load_unit, unit_dir
 from data_gen.samples import setting_samples
@@ -28,9 +29,10 @@ from steering.amplify import (
     token_classes,
 )
 from steering.run import attention_method_probabilities, check_inputs, full_grids, passes, predictions
-from steering.scalingvis import adaptvis_rows, choose_coefficients
+from steering.scalingvis import adaptvis_rows, choose_coefficients, scalingvis_edits
 from tests.conftest import load_twin, make_cfg
 from tests.whatsup_helpers import stand_in_dir, without_photos
+from vlm.replay import record
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,9 +176,17 @@ def test_whatsup_samples_are_both_directions_of_one_split(stand_in):
 
 def counting(monkeypatch, twin) -> dict:
     """Count the rows of every LM forward (`lm`: the adapter's forward over image and prompt; the answers'
-    continuations are not forwards over the image) and every image through the vision tower (`vision`)."""
-    counts = {"lm": 0, "vision": 0}
+    continuations are not forwards over the image), every image through the vision tower (`vision`) and every
+    row replayed from a recorded forward (`replayed`: the attention methods' last positions)."""
+    counts = {"lm": 0, "vision": 0, "replayed": 0}
     forward, features = twin.adapter.forward, twin.adapter.image_features
+    replayed = steering.run.replayed_probabilities
+
+    def counted_replay(vlm, scorer, rows, batch_size):
+        counts["replayed"] += len(rows)
+        return replayed(vlm, scorer, rows, batch_size)
+
+    monkeypatch.setattr(steering.run, "replayed_probabilities", counted_replay)
 
     def counted_forward(model, inputs, visual_tokens=None, **kwargs):
         counts["lm"] += inputs["input_ids"].shape[0]
@@ -202,7 +212,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
                    f"embeddings_dir={tmp_path / 'emb'}", "setting.n_composites=8", *SMALL)
     counts = counting(monkeypatch, twin)
     run_unit(cfg, lambda: twin)
-    assert {key: counts[key] for key in ("lm", "vision")} == {key: passes(cfg)[key] for key in ("lm", "vision")}
+    assert counts == {key: passes(cfg)[key] for key in ("lm", "vision", "replayed")}
     record, arrays = load_unit(unit_dir(cfg))
     metrics = record["metrics"]
     splits = load_splits(cfg)
@@ -299,7 +309,7 @@ def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp
                    "directions_per_token=all", *TINY)
     counts = counting(monkeypatch, twin)
     run_unit(cfg, lambda: twin)
-    assert {key: counts[key] for key in ("lm", "vision")} == {key: passes(cfg)[key] for key in ("lm", "vision")}
+    assert counts == {key: passes(cfg)[key] for key in ("lm", "vision", "replayed")}
     record, arrays = load_unit(unit_dir(cfg))
     metrics = record["metrics"]
     assert (metrics["grid_split"], metrics["report_split"], list(metrics["splits"])) == ("all", "all", ["all"])
@@ -318,22 +328,28 @@ def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp
 
 
 def test_the_attention_function_gives_adaptvis_per_sample_coefficients_in_one_forward(twin, stand_in):
-    """attention_method_probabilities with one coefficient per sample equals, row by row, the ScalingVis runs at
-    each sample's coefficient (what a grid of AdaptVis triples reads), and all ones is the plain run."""
+    """attention_method_probabilities (the last position replayed from each sample's recorded plain forward) with
+    one coefficient per sample equals, row by row, the ScalingVis runs at each sample's coefficient (what a grid of
+    AdaptVis triples reads) and the full forward under the same edits; all ones is the plain run."""
     cfg = make_cfg(f"model={twin.name}", "setting=whatsup", f"data.whatsup_dir={stand_in}")
     samples = setting_samples(cfg, "val")[:2]
     inputs = twin.encode([s.image for s in samples], [s.prompt for s in samples])
     tokens = twin.visual_tokens(inputs)
+    records = record(twin, twin.adapter.split_batch(inputs), list(tokens[:, None]), 2)
     scorer = AnswerScorer(twin.tokenizer, ["mug", "cap", "bottle", "bottle of mustard", "chair"])
     plain, logits = candidate_probabilities(twin, scorer, inputs, tokens)
-    low, high = (attention_method_probabilities(twin, scorer, inputs, tokens, "scalingvis", c, "all")
-                 for c in (0.5, 2.0))
+
+    def method(name, coefficients):
+        return attention_method_probabilities(twin, scorer, records, inputs, tokens, name, coefficients, "all")
+
+    low, high = method("scalingvis", 0.5), method("scalingvis", 2.0)
     confidence = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    mixed = attention_method_probabilities(twin, scorer, inputs, tokens, "adaptvis",
-                                           choose_coefficients(confidence, 0.5, 0.5, 2.0), "all")
+    chosen = choose_coefficients(confidence, 0.5, 0.5, 2.0)
+    mixed = method("adaptvis", chosen)
     torch.testing.assert_close(mixed, adaptvis_rows(confidence, 0.5, low, high), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(attention_method_probabilities(twin, scorer, inputs, tokens, "scalingvis", 1.0, "all"),
-                               plain)
+    full = candidate_probabilities(twin, scorer, inputs, tokens, scalingvis_edits(twin, inputs["input_ids"], chosen))[0]
+    torch.testing.assert_close(mixed, full, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(method("scalingvis", 1.0), plain, rtol=1e-4, atol=1e-6)
     assert not torch.allclose(low, high)
 
 

@@ -157,6 +157,13 @@ class FamilyAdapter:
         """The image inputs (for `image_features`) of rows `rows` of a batch encoding."""
         return {key: inputs[key][rows] for key in self.image_inputs}
 
+    def split_batch(self, inputs) -> list[dict]:
+        """A batch encoding as one batch-1 encoding per row (padding kept), without the images themselves (their
+        visual embeddings are passed to the forward instead): what vlm.replay.record takes."""
+        rows = int(inputs["input_ids"].shape[0])
+        return [{key: value[i:i + 1] for key, value in inputs.items() if key not in self.image_inputs}
+                for i in range(rows)]
+
     def repeat_inputs(self, inputs, rows: int) -> dict:
         """One example's inputs (batch 1) as `rows` identical rows, without the image itself (the image's
         visual embeddings are passed to the forward instead, see `encoder_outputs`)."""
