@@ -40,6 +40,7 @@ from data_gen.whatsup import (
     with_boxes,
     write_stand_in,
 )
+from data_gen.whatsup.stand_in import CONTROLLED_A_COMBOS, setting_colors
 from patching.experiments import mirror_plan
 from runner import run_unit
 from tests.conftest import load_twin, make_cfg
@@ -52,19 +53,6 @@ COMBOS = list(STAND_IN_COMBOS)
 OBJECT_BOX, REFERENCE_BOX = STAND_IN_OBJECT_BOX, STAND_IN_REFERENCE_BOX
 
 # every object-reference combination of the real Controlled-A (controlled_images_dataset.json), by reference
-REAL_COMBOS = {
-    "armchair": "apple beer-bottle book bottle bowl bread can cap cup glass glasses glove headphones laptop mug "
-                "notepad orange pan phone pillow plate remote rose scarf soda-can sunglasses tape water-bottle "
-                "wineglass yarn banjo",
-    "chair": "ball-of-yarn banana beer-bottle blanket book bottle bottle-of-mustard bottle-of-orange-juice bowl box "
-             "can cap cup dragonfruit hat headphones helmet kettle knife lamp laptop lemon microphone mug "
-             "orange oven-mitt painting pan photograph pillow plant plate pot remote scarf scissors shoes "
-             "spatula sunglasses toilet-roll toy-cactus vase water-bottle water-filter wineglass",
-    "table": "ball-of-yarn banana book bottle bowl cap cup dog dragonfruit helmet kettle knife lamp lemon mug "
-             "orange painting phone pillow plant plate scarf scissors spatula sunglasses toilet-roll wineglass",
-}
-
-
 def write_dataset(root, combos=COMBOS, images=True, seed=0):
     return write_stand_in(root, combos, images, seed)
 
@@ -96,12 +84,14 @@ def test_pairs_share_the_reference_and_hold_one_object_each_side(dataset):
 
 
 def test_real_controlled_a_gives_3612_composites_and_every_name_is_an_item(tmp_path):
-    combos = [(obj, ref) for ref, objs in REAL_COMBOS.items() for obj in objs.split()]
+    combos = list(CONTROLLED_A_COMBOS)
     assert len(combos) == 103
     root = write_dataset(tmp_path, combos, images=False)    # pairing reads names only
     assert len(pair_photos(read_photos(root))) == 31 * 30 + 45 * 44 + 27 * 26 == 3612
     composites = load_composites(cfg_for(root, "tiny_qwen2vl", "setting.n_composites=1074"))
     assert len(composites) == 1074 and len({c.id for c in composites}) == 1074
+    colors = setting_colors(make_cfg("setting=whatsup").setting["items"])
+    assert {name for combo in combos for name in combo} <= set(colors)   # the full-size stand-in colors them all
 
 
 def color_mask(image: Image.Image, color, tolerance=60) -> np.ndarray:
@@ -209,7 +199,7 @@ def test_every_answer_is_the_photos_object_name():
     word chosen to dodge a tokenizer; every name of the real Controlled-A is an item."""
     setting = Setting.from_config(make_cfg("setting=whatsup").setting)
     assert all(item.answer == item.name for item in setting.items)
-    names = {name.replace("-", " ") for ref, objs in REAL_COMBOS.items() for name in [ref, *objs.split()]}
+    names = {name.replace("-", " ") for combo in CONTROLLED_A_COMBOS for name in combo}
     assert names == set(setting.item_names)
 
 

@@ -13,9 +13,10 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
 from common.cli import CONFIG_DIR, command
-from common.errors import UsageError
+from common.errors import UsageError, check_choice
 from data_gen.whatsup import BOXES_FILE, STAND_IN_COMBOS, write_stand_in
 from data_gen.whatsup.detect import detect_boxes
+from data_gen.whatsup.stand_in import COMBOS, CONTROLLED_A_COMBOS, STAND_IN_COLORS, setting_colors
 
 COMMANDS = ("stand_in", "boxes")
 USAGE = ("usage: python -m data_gen.whatsup {stand_in,boxes} [key=value ...]  (Hydra overrides of "
@@ -39,8 +40,13 @@ def stand_in(cfg: DictConfig) -> Path:
     out = Path(str(cfg.data.whatsup_dir)).expanduser()
     if out.exists():
         raise UsageError(f"{out} already exists; give a new directory")
-    write_stand_in(out, seed=int(cfg.seed))
-    n = len(STAND_IN_COMBOS)
+    check_choice("stand_in.combos", cfg.stand_in.combos, COMBOS)
+    if cfg.stand_in.combos == "controlled_a":
+        combos, colors = CONTROLLED_A_COMBOS, setting_colors(cfg.setting["items"])
+    else:
+        combos, colors = STAND_IN_COMBOS, STAND_IN_COLORS
+    write_stand_in(out, combos, seed=int(cfg.seed), colors=colors)
+    n = len(combos)
     print(f"stand-in What'sUp: {4 * n} photos of {n} object-reference combinations and their known boxes "
           f"(stand-in ground truth) -> {out} (use data.whatsup_dir={out} data.whatsup_boxes={out / BOXES_FILE})")
     return out

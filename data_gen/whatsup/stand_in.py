@@ -5,6 +5,11 @@ Controlled-A, so every composite has a data mirror. DIR/boxes.json holds the blo
 (STAND_IN_OBJECT_BOX, STAND_IN_REFERENCE_BOX): stand-in ground truth, not a detector's output.
 
     python -m data_gen.whatsup stand_in data.whatsup_dir=DIR [seed=0]
+    python -m data_gen.whatsup stand_in data.whatsup_dir=DIR stand_in.combos=controlled_a   # the paper's counts
+
+`stand_in.combos: controlled_a` photographs Controlled-A's own 103 object-reference combinations (31 with the
+armchair, 45 with the chair, 27 with the table: 3612 composites, enough for the paper's 1074), each block colored
+as the What'sUp setting's item: for timing the paper's What'sUp figures at full size (the numbers mean nothing).
 """
 
 import json
@@ -27,16 +32,37 @@ STAND_IN_COLORS = {"mug": (230, 20, 20), "cap": (20, 200, 30), "beer-bottle": (3
 STAND_IN_COMBOS = (("mug", "chair"), ("cap", "chair"), ("beer-bottle", "chair"), ("bowl", "chair"),
                    ("bottle-of-mustard", "chair"), ("bowl", "table"), ("bottle-of-mustard", "table"), ("mug", "table"))
 RELATION_WORDS = {"left_of": "to the left of", "right_of": "to the right of", "on": "on", "under": "under"}
+# What'sUp Controlled-A's object-reference combinations (its left_of / right_of photos' file names): 31 with the
+# armchair, 45 with the chair, 27 with the table
+CONTROLLED_A = {
+    "armchair": "apple beer-bottle book bottle bowl bread can cap cup glass glasses glove headphones laptop mug "
+                "notepad orange pan phone pillow plate remote rose scarf soda-can sunglasses tape water-bottle "
+                "wineglass yarn banjo",
+    "chair": "ball-of-yarn banana beer-bottle blanket book bottle bottle-of-mustard bottle-of-orange-juice bowl box "
+             "can cap cup dragonfruit hat headphones helmet kettle knife lamp laptop lemon microphone mug "
+             "orange oven-mitt painting pan photograph pillow plant plate pot remote scarf scissors shoes "
+             "spatula sunglasses toilet-roll toy-cactus vase water-bottle water-filter wineglass",
+    "table": "ball-of-yarn banana book bottle bowl cap cup dog dragonfruit helmet kettle knife lamp lemon mug "
+             "orange painting phone pillow plant plate scarf scissors spatula sunglasses toilet-roll wineglass",
+}
+CONTROLLED_A_COMBOS = tuple((obj, reference) for reference, objects in CONTROLLED_A.items() for obj in objects.split())
+COMBOS = ("demo", "controlled_a")
 
 
-def stand_in_photograph(obj: str, relation: str, reference: str, rng: np.random.Generator) -> Image.Image:
+def setting_colors(items) -> dict[str, tuple[int, int, int]]:
+    """{name with hyphens: rgb} of the What'sUp setting's items, the stand-in blocks' colors."""
+    return {str(item["name"]).replace(" ", "-"): tuple(int(v) for v in item["rgb"]) for item in items}
+
+
+def stand_in_photograph(obj: str, relation: str, reference: str, rng: np.random.Generator,
+                        colors=STAND_IN_COLORS) -> Image.Image:
     """A STAND_IN_SIZE photo: noisy grey, the reference's color block at STAND_IN_REFERENCE_BOX and the
-    object's at STAND_IN_OBJECT_BOX[side] (names with hyphens, as in file names; colors STAND_IN_COLORS)."""
+    object's at STAND_IN_OBJECT_BOX[side] (names with hyphens, as in file names; `colors` by name)."""
     width, height = STAND_IN_SIZE
     grey = rng.integers(90, 150, size=(height, width, 1)) + rng.integers(-8, 9, size=(height, width, 3))
     pixels = grey.clip(0, 255).astype(np.uint8)
-    for (x0, y0, x1, y1), color in ((STAND_IN_REFERENCE_BOX, STAND_IN_COLORS[reference]),
-                                    (STAND_IN_OBJECT_BOX[relation.removesuffix("_of")], STAND_IN_COLORS[obj])):
+    for (x0, y0, x1, y1), color in ((STAND_IN_REFERENCE_BOX, colors[reference]),
+                                    (STAND_IN_OBJECT_BOX[relation.removesuffix("_of")], colors[obj])):
         pixels[y0:y1, x0:x1] = color
     return Image.fromarray(pixels)
 
@@ -49,7 +75,7 @@ def stand_in_boxes(combos=STAND_IN_COMBOS) -> dict[str, dict[str, list[int]]]:
             for obj, reference in combos for relation in SIDE_OF_RELATION}
 
 
-def write_stand_in(root, combos=STAND_IN_COMBOS, images: bool = True, seed: int = 0) -> Path:
+def write_stand_in(root, combos=STAND_IN_COMBOS, images: bool = True, seed: int = 0, colors=STAND_IN_COLORS) -> Path:
     """Write controlled_images_dataset.json and controlled_images/*.jpeg under `root` as What'sUp ships them:
     every (object, reference) of `combos` (names with hyphens) in the four relations, and `root`/boxes.json,
     the known boxes of the left_of / right_of photos (stand_in_boxes). `images=False` writes empty files
@@ -66,7 +92,7 @@ def write_stand_in(root, combos=STAND_IN_COMBOS, images: bool = True, seed: int 
                             "caption_options": [f"A {obj.replace('-', ' ')} {words} a {reference}", *captions]})
             path = root / "controlled_images" / name
             if images:
-                stand_in_photograph(obj, relation, reference, rng).save(path, quality=95)
+                stand_in_photograph(obj, relation, reference, rng, colors).save(path, quality=95)
             else:
                 path.touch()
     (root / SUBSETS["controlled_images"]).write_text(json.dumps(entries))
