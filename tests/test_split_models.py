@@ -26,9 +26,11 @@ SPLIT_MODELS = ["organism", "dual_organism"]       # one of each family (Qwen2-V
 
 def split_twin(name: str):
     """The twin loaded with device_map=auto and a CPU budget that holds the vision tower, the embeddings and two
-    decoder layers (plus accelerate's reserve for the largest module): the other layers go to disk."""
+    decoder layers (plus accelerate's reserve for the largest module): the other layers go to disk. With a GPU, the
+    same budget on GPU 0 and the rest offloaded to CPU memory (accelerate streams those layers' weights to the GPU
+    at every call), against the model whole on the GPU."""
     if name not in _split:
-        whole = load_twin(name)
+        whole = load_twin(name)                  # sizes of the model's parts (the same on every device)
         sizes = compute_module_sizes(whole.model)
         lm = whole.adapter.modules["language_model"]
         layer = sizes[whole.adapter.modules["decoder_layers"] + ".0"]
@@ -41,23 +43,33 @@ def split_twin(name: str):
                                             no_split_module_classes=whole.model._no_split_modules)
             if planned.get(f"{layers}.0") == "cpu" and planned.get(f"{layers}.{whole.n_layers - 1}") == "disk":
                 break
-        _split[name] = load_model(make_cfg(f"model={name}", "model.device_map=auto",
-                                           f"model.max_memory={{cpu: {budget}}}"))
+        memory = f"{{0: {budget}, cpu: 10GiB}}" if GPU else f"{{cpu: {budget}}}"
+        _split[name] = load_model(make_cfg(f"model={name}", "model.device_map=auto", f"model.max_memory={memory}",
+                                           *(["device=cuda"] if GPU else [])))
     return _split[name]
+
+
+GPU = torch.cuda.is_available()
+
+
+def load_whole(name: str):
+    """The model on one device: the CPU, or the GPU when there is one (the split model's counterpart)."""
+    return load_model(make_cfg(f"model={name}", "device=cuda")) if GPU else load_twin(name)
 
 
 @pytest.fixture(params=SPLIT_MODELS, scope="module")
 def pair_of_models(request):
-    return load_twin(request.param), split_twin(request.param)
+    return load_whole(request.param), split_twin(request.param)
 
 
 def test_the_split_really_offloads_layers(pair_of_models):
     _, split = pair_of_models
     placed = {key: value for key, value in split.model.hf_device_map.items()}
     layers = split.adapter.modules["decoder_layers"]
-    assert placed.get(f"{layers}.0") == "cpu" and placed.get(f"{layers}.{split.n_layers - 1}") == "disk", placed
-    assert split.decoder_layers[split.n_layers - 1].mlp.down_proj.weight.device.type == "meta"   # weights on disk
-    assert split.device.type == "cpu"
+    first, rest = (0, "cpu") if GPU else ("cpu", "disk")
+    assert placed.get(f"{layers}.0") == first and placed.get(f"{layers}.{split.n_layers - 1}") == rest, placed
+    assert split.decoder_layers[split.n_layers - 1].mlp.down_proj.weight.device.type == "meta"   # offloaded
+    assert split.device.type == ("cuda" if GPU else "cpu")
 
 
 def test_every_sweep_kind_gives_the_unsplit_numbers(pair_of_models):
