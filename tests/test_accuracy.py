@@ -11,7 +11,7 @@ import pytest
 from accuracy.experiment import accuracy_metrics
 from common.results import load_unit, unit_dir
 from runner import run_unit
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 

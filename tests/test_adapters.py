@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from common.geometry import pixel_box
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
 from vlm.interventions import VISUAL, Read, intervene

@@ -25,7 +25,7 @@ from steering.scalingvis import (
     scalingvis_edits,
     scalingvis_rows,
 )
-from tests.conftest import TWINS, load_twin, make_cfg
+from tests.helpers import TWINS, load_twin, make_cfg
 from vlm.interventions import ATTENTION_PREFIX, VISUAL, Read, ScaleScores, attention_rows, intervene
 from vlm.models import load_model
 from vlm.replay import record, replayed_runs

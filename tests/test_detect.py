@@ -21,8 +21,7 @@ from data_gen.whatsup import (
 )
 from data_gen.whatsup.__main__ import main
 from data_gen.whatsup.detect import pixel_box
-from tests.conftest import make_cfg
-from tests.whatsup_helpers import stand_in_dir
+from tests.helpers import make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = {f"{obj}_{relation}_{ref}.jpeg" for obj, ref in STAND_IN_COMBOS for relation in SIDE_OF_RELATION}
@@ -67,11 +66,6 @@ def build_tiny_owlv2(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_owlv2(tmp_path_factory):
     return build_tiny_owlv2(tmp_path_factory.mktemp("tiny_owlv2"))
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return stand_in_dir(tmp_path_factory)
 
 
 def boxes_args(root, out, detector, *more):

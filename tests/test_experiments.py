@@ -18,7 +18,7 @@ from patching.ablation import Ablator
 from patching.engine import PatchingEngine
 from patching.experiments import ablation, last_token, mirror_patching, mirror_plan
 from runner import run_unit
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 from vlm.interventions import VISUAL
 from vlm.scoring import AnswerScorer, score_samples
 

@@ -16,9 +16,8 @@ from common.errors import UsageError
 from common.geometry import Grid
 from data_gen.render import random_samples
 from data_gen.settings import Setting
-from data_gen.whatsup import write_stand_in
 from runner import run_unit
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 from vlm import vocabularies
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
@@ -125,11 +124,6 @@ TINY = {
                       "{boxes}"],
     "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
 }
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return write_stand_in(tmp_path_factory.mktemp("whatsup"))
 
 
 def test_every_experiment_has_tiny_sizes_here():

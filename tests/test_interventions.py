@@ -8,7 +8,7 @@ import torch
 from common.cli import REPO_DIR as REPO
 from data_gen.render import random_samples
 from data_gen.settings import Setting
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 from vlm.interventions import (
     VISUAL,
     Add,

@@ -8,7 +8,7 @@ from PIL import Image
 from common.geometry import pixel_box
 from data_gen.render import random_samples
 from data_gen.settings import DIRECTIONS, Setting
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 from vlm.interventions import VISUAL, Apply, Read, intervene, layer_site
 from vlm.scoring import AnswerScorer
 

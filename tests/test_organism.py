@@ -14,7 +14,7 @@ from data_gen.pairs import mirror_pairs
 from data_gen.settings import Setting
 from organisms.train import question_splits, train
 from patching.experiments import ablation, last_token, mirror_patching
-from tests.conftest import make_cfg, reproduced_card
+from tests.helpers import make_cfg, reproduced_card
 from vlm.interventions import VISUAL, Apply
 from vlm.models import load_model
 from vlm.scoring import AnswerScorer

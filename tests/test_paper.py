@@ -12,7 +12,7 @@ import runner
 import runner.paper as paper
 from data_gen.whatsup import split_composites, split_sizes
 from runner.paper import main, plan, unit_passes
-from tests.conftest import load_twin
+from tests.helpers import load_twin
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,7 @@ from data_gen.settings import Setting
 from patching.ablation import Ablator
 from patching.engine import PairInput, PatchingEngine, PatchPlan, naive_patch, naive_sweep, site_name
 from patching.experiments import mirror_plan, prompt_end_offset
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 from vlm.interventions import VISUAL, Read, Set, intervene, layer_site
 from vlm.replay import record
 from vlm.scoring import AnswerScorer

@@ -18,7 +18,7 @@ from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, tok
 from probing.plots import draw_figure
 from probing.probes import fit_probe, item_examples, load_probe
 from runner import run_unit
-from tests.conftest import make_cfg
+from tests.helpers import load_twin, make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN_GRID, QWEN_LAYOUT = Grid(12, 12, 28), Layout(2, 2, 4)
@@ -178,8 +178,6 @@ def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monk
 
 
 def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
-    from tests.conftest import load_twin
-
     twin = load_twin("tiny_qwen2vl")
     monkeypatch.setattr("vlm.models.load_model", lambda cfg: twin)
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=grid_probes", "n_train=3", "n_test=2",

@@ -22,7 +22,7 @@ import runner.paper as paper
 from common.cli import REPO_DIR, quiet_output, summary
 from common.results import find_units, load_unit, save_unit, temporary_dir, unit_state
 from data_gen.whatsup import write_stand_in
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 
 MODEL = "dual_organism"
 

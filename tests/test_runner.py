@@ -16,9 +16,8 @@ from omegaconf import OmegaConf
 import runner as runner_module
 from common.cli import CONFIG_DIR, group_choices
 from common.results import find_units, load_unit, unit_dir
-from data_gen.whatsup import write_stand_in
 from runner import experiment_function, run_unit
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = group_choices("experiment")
@@ -37,11 +36,6 @@ TINY = {
                       "n_train=2", "{boxes}"],
     "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
 }
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return write_stand_in(tmp_path_factory.mktemp("whatsup"))
 
 
 def test_every_experiment_has_tiny_sizes_here():

@@ -8,7 +8,7 @@ from PIL import Image
 
 from common.errors import UsageError
 from data_gen.settings import Setting
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 from vlm.interventions import Apply, layer_site
 from vlm.scoring import AnswerScorer, candidate_probabilities
 

@@ -13,7 +13,7 @@ from common.errors import UsageError
 from data_gen.settings import Setting
 from patching.engine import PatchingEngine
 from steering.scalingvis import scaled_logits, scalingvis_rows
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 from tests.test_patching import naive_reference, sweep_cases
 from vlm.interventions import VISUAL, Add
 from vlm.models import load_model

@@ -30,8 +30,7 @@ from steering.amplify import (
 )
 from steering.run import attention_method_probabilities, check_inputs, full_grids, passes, predictions
 from steering.scalingvis import adaptvis_rows, choose_coefficients, scalingvis_edits
-from tests.conftest import load_twin, make_cfg
-from tests.whatsup_helpers import stand_in_dir, without_photos
+from tests.helpers import load_twin, make_cfg, without_photos
 from vlm.replay import record
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
@@ -42,11 +41,6 @@ SMALL = ("alphas=[0,1,2]", "random_seeds=[0,1]", "scalingvis.coefficients=[0,2.0
 TINY = ("alphas=[0,2]", "random_seeds=[0]", "scalingvis.coefficients=[2.0]", "adaptvis.weight1=[0.5]",
         "adaptvis.weight2=[2.0]", "adaptvis.thresholds=[0.5,1.0]", "image_attention_reweighting.coefficients=[2.0]",
         "batch_size=8")
-
-
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return stand_in_dir(tmp_path_factory)
 
 
 def no_model():

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from common.cli import CONFIG_DIR
 from common.errors import UsageError
 from data_gen.settings import DIRECTIONS, Setting
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
 from vlm import vocabularies
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import CHAT_TEMPLATE_DIR

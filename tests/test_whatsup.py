@@ -43,8 +43,7 @@ from data_gen.whatsup import (
 from data_gen.whatsup.stand_in import CONTROLLED_A_COMBOS, setting_colors
 from patching.experiments import mirror_plan
 from runner import run_unit
-from tests.conftest import load_twin, make_cfg
-from tests.whatsup_helpers import stand_in_dir, whatsup_cfg, without_photos
+from tests.helpers import load_twin, make_cfg, stand_in_dir, whatsup_cfg, without_photos
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
 REPO = Path(__file__).resolve().parent.parent
