@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -148,14 +149,22 @@ def ensure_twin(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: st
     torch.manual_seed(model_cfg.twin.seed)
     model = adapter.model_class(config).eval()
     initialise_zero_weights(model, config)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))     # this process's own
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
     (tmp / "twin.json").write_text(json.dumps({"fingerprint": fingerprint, "name": model_cfg.name}, indent=1))
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+        shutil.rmtree(tmp, ignore_errors=True)      # built meanwhile by another process: keep that one
+        return path
     shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:             # another process (a parallel job or test worker) put its build there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint):
+            raise
     return path
 
 
