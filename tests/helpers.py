@@ -7,14 +7,18 @@ reads it (`whatsup_cfg`), and a copy without some photos (`without_photos`). A t
 directory; one that changes photos or boxes writes its own (`write_stand_in`, `without_photos`).
 """
 
+import contextlib
+import importlib.util
+import io
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from common.cli import CONFIG_DIR
+from common.cli import CONFIG_DIR, REPO_DIR, plot_main
 from data_gen.whatsup import SUBSETS, write_stand_in
 
 TWINS = ["tiny_qwen2vl", "tiny_gemma3"]
@@ -24,6 +28,32 @@ def make_cfg(*overrides: str, config_name: str = "config"):
     """The config `python -m ... <overrides>` would see."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=["device=cpu", *overrides])
+
+
+@dataclass
+class Completed:
+    """What a command run in this process gave: its exit code and what it printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_command(main, *argv: str) -> Completed:
+    """A command's `main(argv)` (common.cli) run in this process, as `python -m <command> ARGS` would run it."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return Completed(code, out.getvalue(), err.getvalue())
+
+
+def run_plot(figure: str, *argv: str) -> int:
+    """`python figures/<figure>/plot.py ARGS`, in this process: its exit code (its output on stdout / stderr)."""
+    path = REPO_DIR / "figures" / figure / "plot.py"
+    spec = importlib.util.spec_from_file_location(f"plot_{figure}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return plot_main(module.draw, module.__doc__, str(path), list(argv))
 
 
 _loaded = {}

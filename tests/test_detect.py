@@ -4,8 +4,6 @@ command and its known box file."""
 
 import json
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from data_gen.whatsup import (
 )
 from data_gen.whatsup.__main__ import main
 from data_gen.whatsup.detect import pixel_box
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = {f"{obj}_{relation}_{ref}.jpeg" for obj, ref in STAND_IN_COMBOS for relation in SIDE_OF_RELATION}
@@ -75,9 +73,7 @@ def boxes_args(root, out, detector, *more):
 
 def test_boxes_command_runs_end_to_end_writes_a_valid_box_file_and_resumes(tiny_owlv2, stand_in, tmp_path, capsys):
     out = tmp_path / "detected" / "boxes.json"
-    done = subprocess.run([sys.executable, "-m", "data_gen.whatsup",
-                           *boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0")],
-                          cwd=REPO, capture_output=True, text=True)
+    done = run_command(main, *boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0"))
     assert done.returncode == 0, done.stderr
     n = 2 * len(STAND_IN_COMBOS)                  # each combination's left_of and right_of photo
     assert f"{n} left/right photos, 0 already in {out}, {n} to detect" in done.stdout

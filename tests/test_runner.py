@@ -112,6 +112,7 @@ def test_a_multirun_over_two_settings_writes_two_units(tmp_path, cached_organism
     assert units == [Path("last_token/organism/shapes/metrics.json"), Path("last_token/organism/squares/metrics.json")]
 
 
+@pytest.mark.slow
 def test_a_multirun_on_submitit_jobs_in_other_processes_writes_two_units_and_sums_up(tmp_path):
     done = runner("-m", "experiment=last_token", "model=organism", "setting=squares,shapes", "n_pairs=2",
                   "layers=[3]", "device=cpu", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",

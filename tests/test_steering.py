@@ -2,8 +2,6 @@
 What'sUp directory; the samples of a What'sUp setting; the Table 3 figure redrawn from saved results."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +28,7 @@ from steering.amplify import (
 )
 from steering.run import attention_method_probabilities, check_inputs, full_grids, passes, predictions
 from steering.scalingvis import adaptvis_rows, choose_coefficients, scalingvis_edits
-from tests.helpers import load_twin, make_cfg, without_photos
+from tests.helpers import load_twin, make_cfg, run_plot, without_photos
 from vlm.replay import record
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
@@ -254,9 +252,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     assert 0 < metrics["mean_p_answer"] < 1 and metrics["p_uniform_token"] == 1 / len(twin.tokenizer)
 
     out = tmp_path / "figure"
-    done = subprocess.run([sys.executable, "figures/table3_amplification/plot.py", "--results",
-                           str(tmp_path / "results"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert run_plot("table3_amplification", "--results", str(tmp_path / "results"), "--out", str(out)) == 0
     table = (out / "table3.md").read_text()
     for label in ("None", "None (all composites)", "Random amp.", "ScalingVis", "AdaptVis", "Ordering amp.",
                   "Attention reweighting (not ScalingVis)"):
@@ -315,9 +311,7 @@ def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp
     assert metrics["none_all_composites"] == {"accuracy": metrics["splits"]["all"]["none"]["accuracy"], "n": 8}
     assert metrics["probe"]["rows"] == "one_vs_rest" and metrics["directions_per_token"] == "all"
     out = tmp_path / "figure"
-    done = subprocess.run([sys.executable, "figures/table3_amplification/plot.py", "--results",
-                           str(tmp_path / "results"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert run_plot("table3_amplification", "--results", str(tmp_path / "results"), "--out", str(out)) == 0
     assert "| paper: best on all composites (up to) | Ordering amp. |" in (out / "table3.md").read_text()
 
 

@@ -4,8 +4,6 @@ the object as another block on its side, with the blocks' known boxes in boxes.j
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +41,7 @@ from data_gen.whatsup import (
 from data_gen.whatsup.stand_in import CONTROLLED_A_COMBOS, setting_colors
 from patching.experiments import mirror_plan
 from runner import run_unit
-from tests.helpers import load_twin, make_cfg, stand_in_dir, whatsup_cfg, without_photos
+from tests.helpers import load_twin, make_cfg, run_plot, stand_in_dir, whatsup_cfg, without_photos
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
 REPO = Path(__file__).resolve().parent.parent
@@ -439,9 +437,7 @@ def test_patching_figures_draw_a_whatsup_panel(dataset, tmp_path, experiment, fi
     if experiment != "last_token":       # the mirror used and the composites left out, recorded
         assert record["metrics"]["whatsup_pairs"] == {"mirror": "data", "n": 26, "without_data_mirror": 0,
                                                       "without_boxes": 0, "usable": 26}
-    done = subprocess.run([sys.executable, f"figures/{figure}/plot.py", "--results", str(results), "--out",
-                           str(tmp_path / "fig")], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert run_plot(figure, "--results", str(results), "--out", str(tmp_path / "fig")) == 0
     summary = (tmp_path / "fig" / "summary.md").read_text()
     assert "| tiny_qwen2vl | squares |" in summary and "| tiny_qwen2vl | whatsup |" in summary
 
