@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml $(wildcard */__init__.py)   # a new package: 
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q -e ".[dev]"   # no build-backend warnings in the log
 	touch $@
 
 vocab: setup
