@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vocab demo test lint clean
+.PHONY: setup vocab demo organism test lint clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,9 @@ vocab: setup
 
 demo: setup
 	PYTHON=$(BIN)/python bash scripts/demo.sh
+
+organism: setup      # train the dual organism from scratch, every phase (organisms/dual_organism/ and its card)
+	$(BIN)/python -m organisms.train --config-name dual_organism
 
 test: setup vocab
 	$(BIN)/python -m pytest
