@@ -28,32 +28,35 @@ class VisualMix:
       the visual embeddings then moves the answer, Fig 7);
     - as drawn (otherwise).
     Images not ablated have each item's own tokens replaced by the empty image's with probability `drop_items`
-    per item (before any shuffle), so the answer has to come from the tokens around the item."""
+    per item (before any shuffle), so the answer has to come from the tokens around the item; with `drop_strips`,
+    each other token of a dropped item's strip goes the same way with that probability, so what is left of the
+    item is spread over its strip."""
 
     # the five orders of three strips other than their own (strip at place p <- strip order[p])
     PERMUTATIONS = ((1, 0, 2), (0, 2, 1), (2, 1, 0), (1, 2, 0), (2, 0, 1))
 
     def __init__(self, shuffle: float = 0.0, ablate: float = 0.0, drop_items: float = 0.0,
-                 permute_strips: float = 0.0):
+                 permute_strips: float = 0.0, drop_strips: float = 0.0):
         for name, value in (("shuffle", shuffle), ("ablate", ablate), ("drop_items", drop_items),
-                            ("permute_strips", permute_strips)):
+                            ("permute_strips", permute_strips), ("drop_strips", drop_strips)):
             if not 0.0 <= value <= 1.0:
                 raise UsageError(f"train.{name} must be a probability in [0, 1], got {value}")
         if shuffle + ablate + permute_strips > 1.0:
             raise UsageError(f"train.shuffle + train.ablate + train.permute_strips must be at most 1, got "
                              f"{shuffle} + {ablate} + {permute_strips}")
         self.shuffle, self.ablate, self.drop_items, self.permute_strips = shuffle, ablate, drop_items, permute_strips
+        self.drop_strips = drop_strips
 
     @classmethod
     def from_config(cls, tcfg: DictConfig) -> "VisualMix":
-        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items, tcfg.permute_strips)
+        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items, tcfg.permute_strips, tcfg.drop_strips)
 
     def at(self, step: int, ramp_steps: int) -> "VisualMix":
         """The mix at training step `step`: every probability grows linearly from 0 to its own over the first
         `ramp_steps` steps (0: from the start)."""
         scale = min(1.0, step / ramp_steps) if ramp_steps else 1.0
         return VisualMix(self.shuffle * scale, self.ablate * scale, self.drop_items * scale,
-                         self.permute_strips * scale)
+                         self.permute_strips * scale, self.drop_strips)
 
     @property
     def active(self) -> bool:
@@ -61,7 +64,7 @@ class VisualMix:
 
     def card(self) -> dict:
         return {"shuffle": self.shuffle, "ablate": self.ablate, "drop_items": self.drop_items,
-                "permute_strips": self.permute_strips}
+                "permute_strips": self.permute_strips, "drop_strips": self.drop_strips}
 
     def choose(self, rng: np.random.Generator, n: int) -> "MixChoice":
         """What happens to each of `n` images: its mode and which of its three items are dropped."""
@@ -102,6 +105,11 @@ class VisualMix:
                 for item, drop in zip(sample.items, dropped[k], strict=True):
                     if drop:
                         keep[token_indices(grid, item.token_box)] = 0.0
+                        if self.drop_strips:
+                            strip = token_indices(grid, strip_box(grid, layout, item.token_box, sample.orientation))
+                            gone = [i for i, lost in zip(strip, rng.random(len(strip)) < self.drop_strips,
+                                                         strict=True) if lost]
+                            keep[gone] = 0.0
                 own = own * keep + empty[sample.setting] * (1.0 - keep)
             if mode == SHUFFLED:
                 own = own[torch.from_numpy(rng.permutation(own.shape[0])).to(own.device)]
