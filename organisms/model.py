@@ -67,7 +67,7 @@ def init_vision_positions(model, adapter, how: str) -> None:
 
 def init_residual_branches(model, adapter, scale: float) -> None:
     """Start every LM layer's residual branches at `scale` x their normalised output. In a family that adds
-    unit-RMS branch outputs (Gemma 3's post-norms) to a residual stream that starts at the embeddings' scale,
+    unit-RMS branch outputs (normalised after each block) to a residual stream that starts at the embeddings' scale,
     at gain 1 the first layers' mostly shared updates drown what tells one visual token from another."""
     if not 0.0 < scale <= 1.0:
         raise UsageError(f"train.residual_init must be in (0, 1], got {scale}")

@@ -1,6 +1,6 @@
-"""Train an organism: a small VLM of a real class (configs/model/organism.yaml: Qwen2-VL; dual_organism.yaml: Gemma
-3), trained from scratch on the synthetic settings' questions so that the experiments have a real mechanism to
-find on a laptop; its weights and card ship in organisms/<name>/.
+"""Train an organism: a small VLM of a real class (its model config: configs/model/organism.yaml,
+dual_organism.yaml), trained from scratch on the synthetic settings' questions so that the experiments have a
+real mechanism to find on a laptop; its weights and card ship in organisms/<name>/.
 
     python -m organisms.train                                   # configs/organism.yaml -> organisms/organism/
     python -m organisms.train --config-name dual_organism       # every phase in order -> organisms/dual_organism/
