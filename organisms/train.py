@@ -105,9 +105,11 @@ class Trainee:
         return self.encoder.image_embeddings(list(images), len(images))
 
     def logits(self, images: list[list], mix: VisualMix, choice: MixChoice, rng: np.random.Generator,
-               shared_prefix: bool) -> torch.Tensor:
+               shared_prefix: bool, image_only: bool = False) -> torch.Tensor:
         """Last-position logits of every question of `images` (lists of the questions of one image): the vision
-        tower runs once per image and `mix` replaces some images' visual embeddings as `choice` says."""
+        tower runs once per image and `mix` replaces some images' visual embeddings as `choice` says. With
+        `image_only`, gradients reach the parameters only through the sequence up to the image's last token: the
+        rest (the prompt, where the answer is read) runs on detached parameters."""
         questions = [s for group in images for s in group]
         inputs = dict(self.encoder.encode([s.image for s in questions], [s.prompt for s in questions]))
         sizes = [len(group) for group in images]
@@ -116,6 +118,12 @@ class Trainee:
         if mix.active:
             tokens = mix.apply(tokens, [group[0] for group in images], choice, self.questions.settings, self.grid,
                                self.layout, self.plain_tokens, rng)
+        if image_only:
+            image_end = int((inputs["input_ids"] == self.vlm.image_token_id).nonzero()[:, 1].max()) + 1
+            detached = {name: param.detach() for name, param in self.model.named_parameters()}
+            return self.adapter.shared_prefix_logits(
+                self.model, inputs, tokens, sizes, upto=image_end,
+                continuation=lambda **kwargs: torch.func.functional_call(self.model, detached, (), kwargs))
         if shared_prefix:
             return self.adapter.shared_prefix_logits(self.model, inputs, tokens, sizes)
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
@@ -124,8 +132,11 @@ class Trainee:
 
     def step_loss(self, images: list[list], mix: VisualMix, rng: np.random.Generator, tcfg: DictConfig) -> float:
         """Accumulate the gradient of one training batch's mean loss; returns the loss. With `train.ablate_layers`
-        = k, the ablated images' share of it reaches only the LM's first k decoder layers (run first, the other
-        parameters' gradients dropped before the rest of the batch adds its own)."""
+        = k, the ablated images' share of it reaches only the LM's first k decoder layers, through what they
+        compute at the image's tokens (`logits(..., image_only=True)`; run first, the other parameters'
+        gradients dropped before the rest of the batch adds its own): the answer is still read by the layers
+        and positions trained on the other images, so these layers must write the order the LM finds from where
+        the tokens sit into the tokens, as the vision tower writes it."""
         choice = mix.choose(rng, len(images))
         parts = [(np.arange(len(images)), False)]
         if tcfg.ablate_layers is not None and choice.ablated.any():
@@ -135,7 +146,7 @@ class Trainee:
             if len(index) == 0:
                 continue
             part = [images[i] for i in index]
-            logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix)
+            logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix, image_only=routed)
             answers = self.questions.answer_ids([s for group in part for s in group], self.device)
             loss = F.cross_entropy(logits.float(), answers) * (len(answers) / total)
             loss.backward()

@@ -174,7 +174,8 @@ class FamilyAdapter:
         finally:
             del inner.get_image_features
 
-    def shared_prefix_logits(self, model, inputs, visual_tokens: torch.Tensor, group_sizes: list[int]) -> torch.Tensor:
+    def shared_prefix_logits(self, model, inputs, visual_tokens: torch.Tensor, group_sizes: list[int],
+                             upto: int | None = None, continuation=None) -> torch.Tensor:
         """(rows, vocab) last-position logits of every row of `inputs` (a left-padded batch encoding), whose rows
         come in consecutive groups of `group_sizes` rows that show one image each (`visual_tokens` (groups,
         tokens, hidden), one per group) and may differ only after a shared prefix: the questions of one image.
@@ -183,13 +184,19 @@ class FamilyAdapter:
         of each row continues from that prefix's keys and values, as generation would. Equal to the plain
         forward of every row with its group's visual tokens (tests/test_organism.py checks both twins
         and both organisms); gradients flow through both parts. Falls back to the plain forward when no column before the
-        last is shared or an image token lies after the shared prefix."""
+        last is shared or an image token lies after the shared prefix. `upto` ends the prefix there at the latest;
+        `continuation(**kwargs)` (default: the model) runs the rest, e.g. the model with its parameters detached
+        (torch.func.functional_call), so that gradients reach parameters only through the prefix."""
         ids = inputs["input_ids"]
         rows, length = ids.shape
         if len(group_sizes) != visual_tokens.shape[0]:
             raise ValueError(f"{len(group_sizes)} groups but visual tokens of {visual_tokens.shape[0]} images")
         firsts, owner = self._groups(group_sizes, rows, ids.device)
         shared = self.shared_prefix(model, inputs, group_sizes)
+        if upto is not None:
+            shared = min(shared, upto)
+            if bool((ids[:, shared:] == self.image_token_id(model)).any()):
+                raise ValueError(f"a prefix ending at {upto} leaves image tokens after it")
         if not shared:
             return self.forward(model, inputs, visual_tokens[owner], logits_to_keep=1).logits[:, -1]
         aligned = self._aligned(inputs)
@@ -204,8 +211,9 @@ class FamilyAdapter:
         cache.batch_select_indices(owner)
         positions = self.continuation_position_ids(model, select(torch.arange(rows), slice(0, shared)),
                                                    length - shared)
-        return model(input_ids=ids[:, shared:], attention_mask=inputs["attention_mask"], position_ids=positions,
-                     use_cache=False, logits_to_keep=1, **{self.cache_argument(model): cache}).logits[:, -1]
+        return (continuation or model)(input_ids=ids[:, shared:], attention_mask=inputs["attention_mask"],
+                                       position_ids=positions, use_cache=False, logits_to_keep=1,
+                                       **{self.cache_argument(model): cache}).logits[:, -1]
 
     def shared_prefix(self, model, inputs, group_sizes: list[int]) -> int:
         """The columns [0, P) of a left-padded batch encoding that `shared_prefix_logits` runs once per group: every
