@@ -19,7 +19,9 @@ class VisualMix:
     train.drop_items; configs/dual_organism.yaml says why). Per training image, one of:
     - ablated (probability `ablate`): every item's tokens <- the same item's tokens from an image where it sits
       alone in the middle, every other token <- the empty image's (the ablation experiment's operation, with
-      the model as it is at that step): the visual embeddings carry no order, only where tokens sit;
+      the model as it is at that step): the visual embeddings carry no order, only where tokens sit; with
+      `flat_background`, every other token <- the mean of the empty image's tokens, so that the background
+      does not say where it is either and the items' places are all that is left;
     - shuffled (probability `shuffle`): the visual tokens permuted at random among the image slots, so where a
       token sits says nothing and only what the vision tower wrote into it carries order;
     - strips permuted (probability `permute_strips`): the three items' strips (strip patching's regions) change
@@ -36,7 +38,7 @@ class VisualMix:
     PERMUTATIONS = ((1, 0, 2), (0, 2, 1), (2, 1, 0), (1, 2, 0), (2, 0, 1))
 
     def __init__(self, shuffle: float = 0.0, ablate: float = 0.0, drop_items: float = 0.0,
-                 permute_strips: float = 0.0, drop_strips: float = 0.0):
+                 permute_strips: float = 0.0, drop_strips: float = 0.0, flat_background: bool = False):
         for name, value in (("shuffle", shuffle), ("ablate", ablate), ("drop_items", drop_items),
                             ("permute_strips", permute_strips), ("drop_strips", drop_strips)):
             if not 0.0 <= value <= 1.0:
@@ -45,18 +47,19 @@ class VisualMix:
             raise UsageError(f"train.shuffle + train.ablate + train.permute_strips must be at most 1, got "
                              f"{shuffle} + {ablate} + {permute_strips}")
         self.shuffle, self.ablate, self.drop_items, self.permute_strips = shuffle, ablate, drop_items, permute_strips
-        self.drop_strips = drop_strips
+        self.drop_strips, self.flat_background = drop_strips, bool(flat_background)
 
     @classmethod
     def from_config(cls, tcfg: DictConfig) -> "VisualMix":
-        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items, tcfg.permute_strips, tcfg.drop_strips)
+        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items, tcfg.permute_strips, tcfg.drop_strips,
+                   tcfg.ablate_flat)
 
     def at(self, step: int, ramp_steps: int) -> "VisualMix":
         """The mix at training step `step`: every probability grows linearly from 0 to its own over the first
         `ramp_steps` steps (0: from the start)."""
         scale = min(1.0, step / ramp_steps) if ramp_steps else 1.0
         return VisualMix(self.shuffle * scale, self.ablate * scale, self.drop_items * scale,
-                         self.permute_strips * scale, self.drop_strips)
+                         self.permute_strips * scale, self.drop_strips, self.flat_background)
 
     @property
     def active(self) -> bool:
@@ -64,7 +67,8 @@ class VisualMix:
 
     def card(self) -> dict:
         return {"shuffle": self.shuffle, "ablate": self.ablate, "drop_items": self.drop_items,
-                "permute_strips": self.permute_strips, "drop_strips": self.drop_strips}
+                "permute_strips": self.permute_strips, "drop_strips": self.drop_strips,
+                "flat_background": self.flat_background}
 
     def choose(self, rng: np.random.Generator, n: int) -> "MixChoice":
         """What happens to each of `n` images: its mode and which of its three items are dropped."""
@@ -96,6 +100,8 @@ class VisualMix:
             own = tokens[k]
             if mode == ABLATED:
                 own = empty[sample.setting].clone()
+                if self.flat_background:
+                    own[:] = own.mean(0)
                 middle = token_indices(grid, line_boxes(grid, layout, sample.orientation)[1])
                 for item in sample.items:
                     source = isolated[(sample.setting, sample.orientation, item.name)]

@@ -60,6 +60,13 @@ def test_visual_mix_modes(fresh):
     ablator = Ablator(fresh, squares, fresh.grid, fresh.layout)
     assert torch.allclose(ablated, ablator.ablated_batch(samples), atol=1e-6)     # the experiments' ablation
 
+    flat = mixed(VisualMix(ablate=1.0, flat_background=True))          # the same items on a placeless background
+    for k, sample in enumerate(samples):
+        items = [i for item in sample.items for i in token_indices(fresh.grid, item.token_box)]
+        rest = sorted(set(range(tokens.shape[1])) - set(items))
+        assert torch.allclose(flat[k, items], ablated[k, items])
+        assert torch.allclose(flat[k, rest], ablator._empty.mean(0).expand(len(rest), -1), atol=1e-6)
+
     shuffled = mixed(VisualMix(shuffle=1.0))
     assert not torch.allclose(shuffled, tokens)
     for a, b in zip(shuffled, tokens, strict=True):                                 # the same rows, elsewhere
@@ -95,7 +102,8 @@ def test_visual_mix_modes(fresh):
         assert torch.equal(permuted[k, outside], tokens[k, outside])
 
     assert VisualMix(0.5, 0.2, 0.4, 0.2, 0.5).at(250, 500).card() == {
-        "shuffle": 0.25, "ablate": 0.1, "drop_items": 0.2, "permute_strips": 0.1, "drop_strips": 0.5}
+        "shuffle": 0.25, "ablate": 0.1, "drop_items": 0.2, "permute_strips": 0.1, "drop_strips": 0.5,
+        "flat_background": False}
     assert VisualMix(0.5, 0.2, 0.4).at(900, 500).card()["shuffle"] == 0.5
     with pytest.raises(UsageError, match="at most 1"):
         VisualMix(shuffle=0.7, ablate=0.5)
