@@ -38,7 +38,7 @@ from tqdm import tqdm
 from accuracy.experiment import accuracy_metrics
 from common.cli import entrypoint
 from common.errors import UsageError
-from common.geometry import Grid, Layout
+from common.geometry import Grid, Layout, token_indices
 from common.results import REPO, provenance
 from organisms.data import CachedImageProcessor, Questions, question_splits, synthetic_settings
 from organisms.mix import MixChoice, VisualMix
@@ -105,11 +105,12 @@ class Trainee:
         return self.encoder.image_embeddings(list(images), len(images))
 
     def logits(self, images: list[list], mix: VisualMix, choice: MixChoice, rng: np.random.Generator,
-               shared_prefix: bool, image_only: bool = False) -> torch.Tensor:
+               shared_prefix: bool, image_only: bool = False, items_only: bool = False) -> torch.Tensor:
         """Last-position logits of every question of `images` (lists of the questions of one image): the vision
         tower runs once per image and `mix` replaces some images' visual embeddings as `choice` says. With
         `image_only`, gradients reach the parameters only through the sequence up to the image's last token: the
-        rest (the prompt, where the answer is read) runs on detached parameters."""
+        rest (the prompt, where the answer is read) runs on detached parameters. With `items_only`, every visual
+        token outside the items is hidden from attention (masked as padding is)."""
         questions = [s for group in images for s in group]
         inputs = dict(self.encoder.encode([s.image for s in questions], [s.prompt for s in questions]))
         sizes = [len(group) for group in images]
@@ -118,6 +119,8 @@ class Trainee:
         if mix.active:
             tokens = mix.apply(tokens, [group[0] for group in images], choice, self.questions.settings, self.grid,
                                self.layout, self.plain_tokens, rng)
+        if items_only:
+            inputs["attention_mask"] = self.items_only_mask(inputs, images)
         if image_only:
             image_end = int((inputs["input_ids"] == self.vlm.image_token_id).nonzero()[:, 1].max()) + 1
             detached = {name: param.detach() for name, param in self.model.named_parameters()}
@@ -129,6 +132,19 @@ class Trainee:
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
                                         torch.tensor(sizes, device=self.device))
         return self.adapter.forward(self.model, inputs, tokens[owner], logits_to_keep=1).logits[:, -1]
+
+    def items_only_mask(self, inputs, images: list[list]) -> torch.Tensor:
+        """The attention mask of `inputs` with every visual token of each row but its image's items' set to 0."""
+        mask = inputs["attention_mask"].clone()
+        positions = self.vlm.visual_token_positions(inputs["input_ids"])
+        row = 0
+        for group in images:
+            items = {i for item in group[0].items for i in token_indices(self.grid, item.token_box)}
+            hidden = torch.tensor([k for k in range(self.grid.n_tokens) if k not in items], device=mask.device)
+            for _ in group:
+                mask[row, positions[row, hidden]] = 0
+                row += 1
+        return mask
 
     def step_loss(self, images: list[list], mix: VisualMix, rng: np.random.Generator, tcfg: DictConfig) -> float:
         """Accumulate the gradient of one training batch's mean loss; returns the loss. With `train.ablate_layers`
@@ -146,7 +162,8 @@ class Trainee:
             if len(index) == 0:
                 continue
             part = [images[i] for i in index]
-            logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix, image_only=routed)
+            logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix, image_only=routed,
+                                 items_only=routed and tcfg.ablate_items_only)
             answers = self.questions.answer_ids([s for group in part for s in group], self.device)
             loss = F.cross_entropy(logits.float(), answers) * (len(answers) / total)
             loss.backward()
@@ -157,6 +174,13 @@ class Trainee:
                         param.grad = None
             value += loss.item()
         return value
+
+    def vision_parameters(self) -> set[int]:
+        """ids of the parameters the visual embeddings depend on and the LM does not: the vision tower and the
+        projector (everything outside the LM decoder and its output head)."""
+        language = {id(p) for p in self.adapter.language_model(self.model).parameters()}
+        language |= {id(p) for p in self.model.get_output_embeddings().parameters()}
+        return {id(p) for p in self.model.parameters() if id(p) not in language}
 
     def layer_parameters(self, k: int) -> set[int]:
         """ids of the parameters of the LM's first `k` decoder layers."""
@@ -175,13 +199,19 @@ def train_phase(trainee: Trainee, name: str, tcfg: DictConfig, rng: np.random.Ge
     model, questions = trainee.model, trainee.questions
     mix = VisualMix.from_config(tcfg)
     n_images = max(1, tcfg.batch_size // questions.questions_per_image)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    vision = trainee.vision_parameters()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in vision], "lr": tcfg.lr}]
+    if tcfg.vision_lr > 0:
+        groups.append({"params": [p for p in model.parameters() if id(p) in vision], "lr": tcfg.lr * tcfg.vision_lr})
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    for param in model.parameters():                # vision_lr 0: the vision tower and projector stay as they are
+        param.requires_grad_(tcfg.vision_lr > 0 or id(param) not in vision)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / tcfg.warmup_steps)
                                                  * 0.5 * (1 + math.cos(math.pi * min(step, tcfg.steps) / tcfg.steps)))
     record = {"name": name, "steps": 0, "planned_steps": tcfg.steps, "seconds": 0.0,
               "visual_mix": {**mix.card(), "ramp_steps": tcfg.mix_ramp_steps},
-              **{key: tcfg[key] for key in ("batch_size", "lr", "weight_decay", "warmup_steps", "offsets",
-                                            "ablate_layers", "shared_prefix")},
+              **{key: tcfg[key] for key in ("batch_size", "lr", "vision_lr", "weight_decay", "warmup_steps",
+                                            "offsets", "ablate_layers", "shared_prefix")},
               "losses": [], "history": []}
     start = time.time()
     model.train()
