@@ -105,12 +105,15 @@ class Trainee:
         return self.encoder.image_embeddings(list(images), len(images))
 
     def logits(self, images: list[list], mix: VisualMix, choice: MixChoice, rng: np.random.Generator,
-               shared_prefix: bool, image_only: bool = False, items_only: bool = False) -> torch.Tensor:
+               shared_prefix: bool, image_only: bool = False, items_only: bool = False,
+               jitter: int = 0) -> torch.Tensor:
         """Last-position logits of every question of `images` (lists of the questions of one image): the vision
         tower runs once per image and `mix` replaces some images' visual embeddings as `choice` says. With
         `image_only`, gradients reach the parameters only through the sequence up to the image's last token: the
         rest (the prompt, where the answer is read) runs on detached parameters. With `items_only`, every visual
-        token outside the items is hidden from attention (masked as padding is)."""
+        token outside the items is hidden from attention (masked as padding is). With `jitter`, the text after each
+        image sits 0..jitter positions (drawn per image) further from it, so where the answer is read cannot tell
+        the items' places from its distance to them."""
         questions = [s for group in images for s in group]
         inputs = dict(self.encoder.encode([s.image for s in questions], [s.prompt for s in questions]))
         sizes = [len(group) for group in images]
@@ -124,8 +127,9 @@ class Trainee:
         if image_only:
             image_end = int((inputs["input_ids"] == self.vlm.image_token_id).nonzero()[:, 1].max()) + 1
             detached = {name: param.detach() for name, param in self.model.named_parameters()}
+            shift = torch.from_numpy(rng.integers(0, jitter + 1, len(images))) if jitter else None
             return self.adapter.shared_prefix_logits(
-                self.model, inputs, tokens, sizes, upto=image_end,
+                self.model, inputs, tokens, sizes, upto=image_end, shift=shift,
                 continuation=lambda **kwargs: torch.func.functional_call(self.model, detached, (), kwargs))
         if shared_prefix:
             return self.adapter.shared_prefix_logits(self.model, inputs, tokens, sizes)
@@ -163,7 +167,8 @@ class Trainee:
                 continue
             part = [images[i] for i in index]
             logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix, image_only=routed,
-                                 items_only=routed and tcfg.ablate_items_only)
+                                 items_only=routed and tcfg.ablate_items_only,
+                                 jitter=tcfg.ablate_jitter if routed else 0)
             answers = self.questions.answer_ids([s for group in part for s in group], self.device)
             loss = F.cross_entropy(logits.float(), answers) * (len(answers) / total)
             loss.backward()

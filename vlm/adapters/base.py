@@ -175,7 +175,8 @@ class FamilyAdapter:
             del inner.get_image_features
 
     def shared_prefix_logits(self, model, inputs, visual_tokens: torch.Tensor, group_sizes: list[int],
-                             upto: int | None = None, continuation=None) -> torch.Tensor:
+                             upto: int | None = None, continuation=None,
+                             shift: torch.Tensor | None = None) -> torch.Tensor:
         """(rows, vocab) last-position logits of every row of `inputs` (a left-padded batch encoding), whose rows
         come in consecutive groups of `group_sizes` rows that show one image each (`visual_tokens` (groups,
         tokens, hidden), one per group) and may differ only after a shared prefix: the questions of one image.
@@ -186,7 +187,9 @@ class FamilyAdapter:
         and both organisms); gradients flow through both parts. Falls back to the plain forward when no column before the
         last is shared or an image token lies after the shared prefix. `upto` ends the prefix there at the latest;
         `continuation(**kwargs)` (default: the model) runs the rest, e.g. the model with its parameters detached
-        (torch.func.functional_call), so that gradients reach parameters only through the prefix."""
+        (torch.func.functional_call), so that gradients reach parameters only through the prefix. `shift` (one
+        integer per group) moves the rest of each group's rows that many positions further from the prefix, as if
+        that many hidden tokens stood between them."""
         ids = inputs["input_ids"]
         rows, length = ids.shape
         if len(group_sizes) != visual_tokens.shape[0]:
@@ -211,6 +214,8 @@ class FamilyAdapter:
         cache.batch_select_indices(owner)
         positions = self.continuation_position_ids(model, select(torch.arange(rows), slice(0, shared)),
                                                    length - shared)
+        if shift is not None:
+            positions = positions + shift.to(positions.device)[owner][:, None]
         return (continuation or model)(input_ids=ids[:, shared:], attention_mask=inputs["attention_mask"],
                                        position_ids=positions, use_cache=False, logits_to_keep=1,
                                        **{self.cache_argument(model): cache}).logits[:, -1]
