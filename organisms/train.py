@@ -112,8 +112,8 @@ class Trainee:
         `image_only`, gradients reach the parameters only through the sequence up to the image's last token: the
         rest (the prompt, where the answer is read) runs on detached parameters. With `items_only`, every visual
         token outside the items is hidden from attention (masked as padding is). With `jitter`, the text after each
-        image sits 0..jitter positions (drawn per image) further from it, so where the answer is read cannot tell
-        the items' places from its distance to them."""
+        image sits 0..jitter positions (drawn per image) further from it (as if that many hidden tokens stood
+        between), so where the answer is read cannot tell the items' places from its distance to them."""
         questions = [s for group in images for s in group]
         inputs = dict(self.encoder.encode([s.image for s in questions], [s.prompt for s in questions]))
         sizes = [len(group) for group in images]
@@ -124,13 +124,15 @@ class Trainee:
                                self.layout, self.plain_tokens, rng)
         if items_only:
             inputs["attention_mask"] = self.items_only_mask(inputs, images)
-        if image_only:
+        if image_only or jitter:
             image_end = int((inputs["input_ids"] == self.vlm.image_token_id).nonzero()[:, 1].max()) + 1
-            detached = {name: param.detach() for name, param in self.model.named_parameters()}
             shift = torch.from_numpy(rng.integers(0, jitter + 1, len(images))) if jitter else None
-            return self.adapter.shared_prefix_logits(
-                self.model, inputs, tokens, sizes, upto=image_end, shift=shift,
-                continuation=lambda **kwargs: torch.func.functional_call(self.model, detached, (), kwargs))
+            continuation = None
+            if image_only:
+                detached = {name: param.detach() for name, param in self.model.named_parameters()}
+                continuation = lambda **kwargs: torch.func.functional_call(self.model, detached, (), kwargs)  # noqa: E731
+            return self.adapter.shared_prefix_logits(self.model, inputs, tokens, sizes, upto=image_end, shift=shift,
+                                                     continuation=continuation)
         if shared_prefix:
             return self.adapter.shared_prefix_logits(self.model, inputs, tokens, sizes)
         owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
@@ -168,7 +170,7 @@ class Trainee:
             part = [images[i] for i in index]
             logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix, image_only=routed,
                                  items_only=routed and tcfg.ablate_items_only,
-                                 jitter=tcfg.ablate_jitter if routed else 0)
+                                 jitter=tcfg.jitter)
             answers = self.questions.answer_ids([s for group in part for s in group], self.device)
             loss = F.cross_entropy(logits.float(), answers) * (len(answers) / total)
             loss.backward()
