@@ -215,12 +215,12 @@ def train_phase(trainee: Trainee, name: str, tcfg: DictConfig, rng: np.random.Ge
         param.requires_grad_(tcfg.vision_lr > 0 or id(param) not in vision)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / tcfg.warmup_steps)
                                                  * 0.5 * (1 + math.cos(math.pi * min(step, tcfg.steps) / tcfg.steps)))
-    record = {"name": name, "steps": 0, "planned_steps": tcfg.steps, "seconds": 0.0,
+    record = {"name": name, "steps": 0, "planned_steps": tcfg.steps, "seconds": 0.0, "cpu_seconds": 0.0,
               "visual_mix": {**mix.card(), "ramp_steps": tcfg.mix_ramp_steps},
               **{key: tcfg[key] for key in ("batch_size", "lr", "vision_lr", "weight_decay", "warmup_steps",
                                             "offsets", "ablate_layers", "shared_prefix")},
               "losses": [], "history": []}
-    start = time.time()
+    start, cpu_start = time.time(), time.process_time()
     model.train()
     progress = tqdm(range(tcfg.steps), desc=f"training the organism ({name})", unit="step")
     for step in progress:
@@ -234,7 +234,8 @@ def train_phase(trainee: Trainee, name: str, tcfg: DictConfig, rng: np.random.Ge
         record["losses"].append(round(loss, 6))
         if (step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.steps:
             report = trainee.held_out(tcfg.batch_size)
-            record.update(steps=step + 1, seconds=round(time.time() - start, 1), held_out=report)
+            record.update(steps=step + 1, seconds=round(time.time() - start, 1),
+                          cpu_seconds=round(time.process_time() - cpu_start, 1), held_out=report)
             record["history"].append({"step": step + 1, "loss": loss, "seconds": record["seconds"],
                                       "held_out_accuracy": {k: v["accuracy"] for k, v in report.items()}})
             tqdm.write(f"{name} step {step + 1}: loss {loss:.3f}, held-out accuracy "
@@ -287,7 +288,8 @@ def training_card(cfg: DictConfig, trainee: Trainee, plan, records: list[dict], 
         "versions": source["versions"], "threads": torch.get_num_threads(), "device": str(trainee.device),
         "finished": source["finished"] if len(records) == len(plan) and records[-1]["steps"] == plan[-1][1].steps
         else None,
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),               # wall clock; cpu_seconds: summed over threads
+        "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
         "seed": cfg.seed,
         "started_from": scrub(started.init_from) if started.init_from else "scratch",
         "data": trainee.questions.card(),
