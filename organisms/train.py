@@ -26,6 +26,7 @@ import math
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -253,16 +254,18 @@ def train(cfg: DictConfig, command: str | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     trainee = Trainee(cfg, plan[0][1])
     done, began = [], time.time()
+    source = {**provenance(cfg), "uncommitted_changes": uncommitted_changes(cfg.out)}    # the code as it started
 
     def card(current: dict | None = None) -> dict:
         records = done + ([current] if current is not None else [])
-        return training_card(cfg, trainee, plan, records, command, time.time() - began)
+        return training_card(cfg, trainee, plan, records, command, time.time() - began, source)
 
     def write(current: dict) -> None:
         save(trainee.model, trainee.vlm.tokenizer, trainee.vlm.image_processor, card(current), Path(cfg.out))
 
-    for index, (name, tcfg) in enumerate(plan):
-        rng = np.random.default_rng([cfg.seed, index])          # a phase run alone draws what it draws in a full run
+    for name, tcfg in plan:
+        # seeded by the phase's name: a phase run alone (from_phase) draws what it draws in a full run
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
         done.append(train_phase(trainee, name, tcfg, rng, write))
         if cfg.get("checkpoints"):
             save(trainee.model, trainee.vlm.tokenizer, trainee.vlm.image_processor, card(),
@@ -273,21 +276,21 @@ def train(cfg: DictConfig, command: str | None = None) -> dict:
 
 
 def training_card(cfg: DictConfig, trainee: Trainee, plan, records: list[dict], command: str | None,
-                  seconds: float) -> dict:
-    """card.json: what was trained, by which command at which commit, each phase's steps, seconds and
-    evaluations, the last held-out accuracy; every path in it relative to the repository (or marked outside)."""
+                  seconds: float, source: dict) -> dict:
+    """card.json: what was trained, by which command at which commit (`source`: provenance and uncommitted
+    changes when training started), each phase's steps, seconds and evaluations, the last held-out accuracy;
+    every path in it relative to the repository (or marked outside)."""
     model = trainee.model
-    source = provenance(cfg)
     config = OmegaConf.to_container(cfg, resolve=True)
     started = plan[0][1]
     return {
         "model": cfg.model.name, "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "command": command,
-        "git_commit": source["git_commit"], "uncommitted_changes": uncommitted_changes(cfg.out),
+        "git_commit": source["git_commit"], "uncommitted_changes": source["uncommitted_changes"],
         "versions": source["versions"], "threads": torch.get_num_threads(), "device": str(trainee.device),
-        "finished": source["finished"] if len(records) == len(plan) and records[-1]["steps"] == plan[-1][1].steps
-        else None,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")
+        if len(records) == len(plan) and records[-1]["steps"] == plan[-1][1].steps else None,
         "seconds": round(seconds, 1),               # wall clock; cpu_seconds: summed over threads
         "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
         "seed": cfg.seed,
