@@ -249,8 +249,16 @@ def train_phase(trainee: Trainee, name: str, tcfg: DictConfig, rng: np.random.Ge
 def train(cfg: DictConfig, command: str | None = None) -> dict:
     """Run every phase of `cfg` in order (or from `cfg.from_phase`) and return the card written into `cfg.out`."""
     plan = phases(cfg)
+    threads = torch.get_num_threads()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+    try:
+        return train_phases(cfg, plan, command)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_phases(cfg: DictConfig, plan, command: str | None) -> dict:
     torch.manual_seed(cfg.seed)
     trainee = Trainee(cfg, plan[0][1])
     done, began = [], time.time()
