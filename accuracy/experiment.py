@@ -11,8 +11,11 @@ is the prediction; the metrics are accuracy overall, per queried direction and p
 import numpy as np
 from omegaconf import DictConfig
 
-from data_gen.samples import setting_samples
+from common.checks import check_bool
+from common.errors import check_choice
+from data_gen.samples import setting_samples, setting_source
 from data_gen.settings import DIRECTIONS, Setting
+from data_gen.whatsup import split_sizes
 from vlm.scoring import AnswerScorer, score_samples
 
 
@@ -47,6 +50,7 @@ def accuracy(cfg: DictConfig, get_vlm):
     metrics = accuracy_metrics(samples, probs, scorer.candidates, greedy)
     if not cfg.greedy_check:
         metrics.pop("greedy_agrees")
+    metrics["p_uniform_token"] = 1.0 / len(vlm.tokenizer)      # common.results.measures_nothing
     arrays = {
         "probs": probs.astype(np.float32),
         "candidates": np.array(scorer.candidates),
@@ -55,6 +59,31 @@ def accuracy(cfg: DictConfig, get_vlm):
         "orientation": np.array([s.orientation for s in samples]),
         "sample_id": np.array([s.id for s in samples]),
     }
-    print(f"accuracy {vlm.name} {setting.name}: {metrics['accuracy']:.3f} (chance {metrics['chance']:.3f}, "
-          f"n={metrics['n']})")
     return metrics, arrays
+
+
+# --- for the runner ----------------------------------------------------------------------------------------
+
+def check(cfg: DictConfig) -> None:
+    """What the runner's shared checks (common.checks) leave: `split` and `greedy_check`."""
+    check_bool("greedy_check", cfg.greedy_check)
+    allowed = ["all", *cfg.setting.get("splits", {})] if setting_source(cfg) == "whatsup" else ["all"]
+    check_choice("split", cfg.get("split", "all"), allowed)
+
+
+def passes(cfg: DictConfig) -> dict:
+    """What a unit runs (runner.paper --dry-run): one full forward per sample; What'sUp: both directions of the
+    split's composites (data_gen.whatsup.split_sizes of `setting.n_composites`; None when it is null: the count
+    is the data's)."""
+    if setting_source(cfg) != "whatsup":
+        return {"lm": int(cfg.n), "vision": int(cfg.n), "patched": 0}
+    n = cfg.setting.get("n_composites")
+    if n is None:
+        return {"lm": None, "vision": None, "patched": 0}
+    split = cfg.get("split", "all")
+    count = 2 * (int(n) if split == "all" else split_sizes(int(n), cfg.setting.splits)[split])
+    return {"lm": count, "vision": count, "patched": 0}
+
+
+def summary(metrics: dict) -> str:
+    return f"accuracy {metrics['accuracy']:.3f} (chance {metrics['chance']:.3f}, n={metrics['n']})"

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from common.errors import UsageError, check_choice
-from common.geometry import ORIENTATIONS, Grid, Layout, grid_boxes, line_boxes, pixel_box
+from common.geometry import ORIENTATIONS, Grid, Layout, TokenBox, grid_boxes, line_boxes, pixel_box
 from data_gen.render import Item, Sample, compose, distinct_items, draw_scene, query_plan
 from data_gen.settings import OPPOSITE, TARGET_POSITION, Setting
 
@@ -41,16 +41,28 @@ class LastTokenPair:
 @dataclass
 class MirrorPair:
     """Clean (a, m, b) and its mirror (b, m, a), same query: the clean answer is `clean_answer` (a), the
-    mirror's is `swapped_answer` (b). Side items keep their token boxes, so patching swaps them in place."""
+    mirror's is `swapped_answer` (b). Synthetic side items keep their token boxes, so patching swaps them in
+    place. `object_boxes`, when given, are the (clean's, mirror's) token boxes [left, middle, right] that object
+    patching swaps instead of the items' own boxes (a What'sUp data mirror, whose objects' boxes differ between
+    its photos: data_gen/whatsup/pairs.py)."""
 
     clean: Sample
     counterfactual: Sample
     clean_answer: str
     swapped_answer: str
+    object_boxes: tuple[list[TokenBox], list[TokenBox]] | None = None
 
     @property
     def targets(self) -> dict[str, str]:
         return {"clean": self.clean_answer, "swapped": self.swapped_answer}
+
+    def regions(self, region: str) -> tuple[list[TokenBox], list[TokenBox]]:
+        """(clean's, mirror's) token boxes, one per item, that patching `region` (items or strips) swaps."""
+        if region == "strips":
+            return self.clean.strips, self.counterfactual.strips
+        if self.object_boxes is not None:
+            return self.object_boxes
+        return [item.token_box for item in self.clean.items], [item.token_box for item in self.counterfactual.items]
 
 
 @dataclass

@@ -3,8 +3,10 @@ branches on where a setting's images come from.
 
 A synthetic setting (squares, shapes, objects) draws `cfg.n` random queried images with `cfg.seed`
 (data_gen.render.random_samples). A What'sUp setting (`source: whatsup` in its config) reads the composites
-of `cfg.data.whatsup_dir` (data_gen.whatsup), takes one split of them (`all`, or a name in `setting.splits`)
-and gives both queried directions of every composite; `cfg.n` does not apply, `setting.n_composites` sizes it.
+of `cfg.data.whatsup_dir` (data_gen.whatsup: one set, drawn from the seed alone), takes one split of them (`all`,
+or a name in `setting.splits`), keeps those with boxes when asked (`boxes=True`, for what trains on the tokens
+inside boxes) and gives both queried directions of every composite; `cfg.n` does not apply,
+`setting.n_composites` sizes it.
 """
 
 from dataclasses import replace
@@ -17,11 +19,14 @@ from data_gen.pairs import LastTokenPair, MirrorPair, last_token_pairs, mirror_p
 from data_gen.render import Sample, random_samples
 from data_gen.settings import Setting
 from data_gen.whatsup import (
+    Composite,
     composite_samples,
     load_composites,
     load_splits,
+    load_whatsup,
     whatsup_last_token_pairs,
     whatsup_mirror_pairs,
+    with_boxes,
 )
 
 SOURCES = ("synthetic", "whatsup")
@@ -34,25 +39,32 @@ def setting_source(cfg: DictConfig) -> str:
     return source
 
 
-def setting_samples(cfg: DictConfig, split: str = "all", queried: bool = True) -> list[Sample]:
-    """The samples of `cfg.setting` on `cfg.model`'s grid.
-
-    synthetic: `cfg.n` random queried samples (`split` must be all; `queried=False` is not offered: probes on
-    synthetic settings draw their own arrangements, probing.extract). whatsup: the composites of `split`;
-    queried, two samples per composite (left, right) sharing one image; not queried, one sample per
-    composite with no direction, prompt or answer (for probes)."""
-    setting = Setting.from_config(cfg.setting)
-    if setting_source(cfg) == "synthetic":
-        if split != "all" or not queried:
-            raise UsageError(f"setting {setting.name!r} is synthetic: it has no splits of fixed images")
-        return random_samples(setting, Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout),
-                              cfg.n, cfg.seed)
+def whatsup_split(cfg: DictConfig, split: str = "all", boxes: bool = False) -> tuple[list[Composite], dict | None]:
+    """The What'sUp composites of `split` (all, or a name in `setting.splits`), and with `boxes` only those whose
+    items have boxes, with the record of what was dropped (data_gen.whatsup.with_boxes; None without `boxes`)."""
     if split == "all":
         composites = load_composites(cfg)
     else:
         splits = load_splits(cfg)
         check_choice("What'sUp split", split, ["all", *splits])
         composites = splits[split]
+    return with_boxes(composites) if boxes else (composites, None)
+
+
+def setting_samples(cfg: DictConfig, split: str = "all", queried: bool = True, boxes: bool = False) -> list[Sample]:
+    """The samples of `cfg.setting` on `cfg.model`'s grid.
+
+    synthetic: `cfg.n` random queried samples (`split` must be all; `queried=False` is not offered: probes on
+    synthetic settings draw their own arrangements, probing.extract). whatsup: the composites of `split` (with
+    `boxes`, only those whose items have boxes); queried, two samples per composite (left, right) sharing one
+    image; not queried, one sample per composite with no direction, prompt or answer (for probes)."""
+    setting = Setting.from_config(cfg.setting)
+    if setting_source(cfg) == "synthetic":
+        if split != "all" or not queried:
+            raise UsageError(f"setting {setting.name!r} is synthetic: it has no splits of fixed images")
+        return random_samples(setting, Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout),
+                              cfg.n, cfg.seed)
+    composites, _ = whatsup_split(cfg, split, boxes)
     if queried:
         return [sample for composite in composites for sample in composite_samples(composite, setting)]
     return [replace(composite_samples(composite, setting, ("left",))[0], id=f"{setting.name}_{composite.id}",
@@ -72,11 +84,14 @@ def setting_last_token_pairs(cfg: DictConfig) -> list[LastTokenPair]:
     return last_token_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations), cfg.counterfactual)
 
 
-def setting_mirror_pairs(cfg: DictConfig) -> list[MirrorPair]:
-    """`cfg.n_pairs` mirror pairs of `cfg.setting`: drawn (synthetic: the side items swapped in place) or What'sUp
-    composites against their left-right mirror image."""
+def setting_mirror_pairs(cfg: DictConfig, boxes: bool = False) -> tuple[list[MirrorPair], dict | None]:
+    """`cfg.n_pairs` mirror pairs of `cfg.setting`, and for What'sUp the record of the composites left out (None
+    for a synthetic setting): drawn (synthetic: the side items swapped in place) or What'sUp composites against
+    their mirror (`setting.mirror`: data, the dataset's photos in the other order, or flip); with `boxes` (object
+    patching) only composites whose items, and their mirror's, have boxes."""
     setting = Setting.from_config(cfg.setting)
     if setting_source(cfg) == "whatsup":
-        return whatsup_mirror_pairs(load_composites(cfg), setting, cfg.n_pairs, cfg.seed)
+        return whatsup_mirror_pairs(load_whatsup(cfg), cfg.n_pairs, cfg.seed, str(cfg.setting.get("mirror", "data")),
+                                    boxes=boxes)
     grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
-    return mirror_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations))
+    return mirror_pairs(setting, grid, layout, cfg.n_pairs, cfg.seed, tuple(cfg.orientations)), None

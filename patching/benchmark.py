@@ -17,8 +17,10 @@ each three ways, side by side in one run (so their ratios hold whatever else the
 
 Each method's time is the minimum over `rounds` rounds (every round times all of them). Prints ms per patched
 run, the engine's speed-up over naive, its ratio to the floor and peak memory (GPU: allocated by torch; CPU: the
-process's resident memory above its level when the method started); writes the same figures to
-results/benchmark/<model>/<setting>/.
+process's resident memory above its level when the method started), and how far each is from the device's limit:
+patched-run tokens per second (patched runs x sequence length / s: the full-sequence tokens its results stand for)
+and the FLOPs it executed per second (counted in one more, untimed run, vlm/flops.py), over the device's dense
+bf16 peak on a GPU (the model-FLOPs utilisation); writes the same figures to results/benchmark/<model>/<setting>/.
 """
 
 import os
@@ -32,7 +34,8 @@ from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.settings import Setting
 from patching.engine import PairInput, PatchingEngine, PatchPlan, naive_sweep
 from patching.experiments import mirror_plan
-from patching.interventions import VISUAL
+from vlm.flops import count_flops, peak_flops, utilisation
+from vlm.interventions import VISUAL
 from vlm.models import VLM
 from vlm.scoring import AnswerScorer
 
@@ -109,10 +112,33 @@ def floor_forward(vlm: VLM, rows: int, seq_len: int, batch_size: int) -> None:
 
 
 def benchmark(cfg: DictConfig, get_vlm):
-    """The benchmark as an experiment: (its figures, no arrays), the report printed."""
-    figures = measure(cfg, get_vlm())
+    """The benchmark as an experiment: (its figures, no arrays), the report printed; with `profile` (a sweep name),
+    also torch.profiler's table of where one engine run of that sweep spends its time."""
+    vlm = get_vlm()
+    figures = measure(cfg, vlm)
     print(report(figures))
+    if cfg.get("profile"):
+        print(profile_table(cfg, vlm, str(cfg.profile)))
     return figures, {}
+
+
+def profile_table(cfg: DictConfig, vlm: VLM, sweep: str, rows: int = 25) -> str:
+    """torch.profiler's operators of one engine run of `sweep` over `cfg.n_pairs` pairs (after a warm-up run),
+    sorted by their own time on the device (GPU) or CPU, the top `rows`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    setting = Setting.from_config(cfg.setting)
+    engine = PatchingEngine(vlm, AnswerScorer(vlm.tokenizer, setting.candidates), cfg.batch_size)
+    inputs, sites = sweep_inputs(cfg, vlm, setting, sweep, cfg.n_pairs)
+    engine.run_pairs(inputs, sites)
+    cuda = vlm.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities, record_shapes=False) as prof:
+        engine.run_pairs(inputs, sites)
+        _sync(vlm)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return f"profile of one engine {sweep} sweep ({cfg.n_pairs} pairs):\n" + prof.key_averages().table(
+        sort_by=key, row_limit=rows)
 
 
 def sweep_inputs(cfg: DictConfig, vlm: VLM, setting: Setting, sweep: str, n: int) -> tuple[list[PairInput], list]:
@@ -156,11 +182,13 @@ def measure(cfg: DictConfig, vlm: VLM) -> dict:
                 seconds, peak = timed(vlm, method(sweep, name))
                 if seconds < best[sweep][name][0]:
                     best[sweep][name] = (seconds, peak)
+    executed = {sweep: {name: count_flops(method(sweep, name))[1] for name in METHODS} for sweep in SWEEPS}
+    peak_flops_per_s = peak_flops(vlm.device)
     figures = {
         "model": vlm.name, "init": cfg.model.init, "device": _device_name(vlm), "dtype": str(vlm.model.dtype),
         "torch": torch.__version__, "transformers": _transformers_version(), "threads": torch.get_num_threads(),
         "layers": vlm.n_layers, "pairs": cfg.n_pairs, "rounds": cfg.rounds, "batch_size": engine.batch_size,
-        "sweeps": {},
+        "peak_bf16_flops_per_s": peak_flops_per_s, "sweeps": {},
     }
     for sweep in SWEEPS:
         inputs, sites, seq_len = work[sweep]
@@ -171,6 +199,11 @@ def measure(cfg: DictConfig, vlm: VLM) -> dict:
             "sites": len(sites), "patched_runs": runs, "sequence_length": seq_len, "ms_per_patched_run": ms,
             "speedup_over_naive": ms["naive"] / ms["engine"], "ratio_to_floor": ms["engine"] / ms["floor"],
             "peak_memory_gib": {name: best[sweep][name][1] for name in METHODS},
+            "tokens_per_s": {name: runs * seq_len / best[sweep][name][0] for name in METHODS},
+            "flops": executed[sweep],
+            "flops_per_s": {name: executed[sweep][name] / best[sweep][name][0] for name in METHODS},
+            "fraction_of_peak": {name: utilisation(executed[sweep][name], best[sweep][name][0], peak_flops_per_s)
+                                 for name in METHODS},
             "targets": {"speedup_over_naive_at_least": minimum_speedup, "ratio_to_floor_at_most": maximum_ratio},
         }
     return figures
@@ -198,10 +231,12 @@ def report(figures: dict) -> str:
         ms, mem = row["ms_per_patched_run"], row["peak_memory_gib"]
         lines.append(f"{sweep} sweep: {row['sites']} sites x {figures['pairs']} pairs = {row['patched_runs']} "
                      f"patched runs, sequence length {row['sequence_length']}")
-        lines.append(f"  {'method':8} {'ms/run':>9} {memory:>15}")
+        lines.append(f"  {'method':8} {'ms/run':>9} {memory:>15} {'tokens/s':>10} {'TFLOP/s':>9} {'of peak':>8}")
         for name in METHODS:
             peak = "-" if mem[name] is None else f"{mem[name]:.2f}"
-            lines.append(f"  {name:8} {ms[name]:9.2f} {peak:>15}")
+            share = row["fraction_of_peak"][name]
+            lines.append(f"  {name:8} {ms[name]:9.2f} {peak:>15} {row['tokens_per_s'][name]:10.0f} "
+                         f"{row['flops_per_s'][name] / 1e12:9.3f} {'-' if share is None else f'{share:.1%}':>8}")
         target = row["targets"]
         speed_ok = row["speedup_over_naive"] >= target["speedup_over_naive_at_least"]
         floor_ok = row["ratio_to_floor"] <= target["ratio_to_floor_at_most"]

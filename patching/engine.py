@@ -22,15 +22,16 @@ answers' tokens continue from them there.
 `naive_sweep` is the reference it must equal: one full forward per site, batch 1 (tests/test_patching.py).
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from patching.interventions import VISUAL, edit_residual, edit_visual_tokens, read_sites
+from vlm.interventions import VISUAL, Read, Replace, intervene, layer_site
 from vlm.models import VLM
-from vlm.replay import Record, Row, record, record_kv, replay
-from vlm.scoring import AnswerScorer, candidate_probabilities, continue_answers
+from vlm.replay import Record, Row, Runs, record, recorded_runs, replayed_runs
+from vlm.scoring import AnswerScorer, candidate_probabilities, run_probabilities
 
 
 @dataclass
@@ -78,30 +79,6 @@ class PairRun:
 
 
 @dataclass
-class Runs:
-    """A batch of runs where they become candidate probabilities: (rows, vocab) next-token logits at each run's
-    last input position, each run's input (`records[i]`) and, when the engine keeps caches, `kv(i)`: run i's
-    per-layer (kv_heads, L, head_dim) keys and values, as a full forward of it would leave in its cache."""
-
-    logits: torch.Tensor
-    records: list
-    kv: Callable[[int], list] | None = None
-
-    def caches(self, adapter):
-        """(run indices, their inputs, a cache of their keys and values) per recorded input, for continuing the
-        runs with answer tokens."""
-        groups: dict[int, list[int]] = {}
-        for i, rec in enumerate(self.records):
-            groups.setdefault(id(rec), []).append(i)
-        for indices in groups.values():
-            per_run = [self.kv(i) for i in indices]
-            stacked = [(torch.stack([kv[layer][0] for kv in per_run]), torch.stack([kv[layer][1] for kv in per_run]))
-                       for layer in range(len(per_run[0]))]
-            yield indices, adapter.repeat_inputs(self.records[indices[0]].inputs, len(indices)), \
-                adapter.filled_cache(stacked)
-
-
-@dataclass
 class _Job:
     pair: int
     site: int
@@ -111,10 +88,29 @@ class _Job:
     prefix: int             # the longest shareable prefix before the first patched position
     dst: torch.Tensor       # clean positions patched
     src: torch.Tensor       # counterfactual positions read
+    plan: PatchPlan
 
     @property
     def suffix(self) -> int:
         return self.clean.length - self.prefix
+
+    def row(self, prefix: int) -> Row:
+        """The patched run as a replay row over the positions from `prefix` on. Site "visual" (start 0): the
+        visual embeddings' positions of the input embeddings <- the counterfactual's, and the run's visual
+        embeddings (for what the LM adds after later layers) <- the counterfactual's at the plan's tokens. Site
+        layer l: decoder layer l's output at `dst` <- the counterfactual's at `src` (the same Replace the naive
+        reference hooks), then what the LM adds after layer l (nothing, or Qwen3-VL's DeepStack part)."""
+        if self.start == 0:
+            patch = Replace(VISUAL, self.dst, self.counterfactual.hidden(0)[None], self.src)
+            hidden = patch.edit(self.clean.hidden(0)[None, prefix:], offset=prefix)[0]
+            visual = Replace(VISUAL, self.plan.dst_tokens, self.counterfactual.visual,
+                             self.plan.src_tokens).edit(self.clean.visual)
+            return Row(self.clean, 0, prefix, hidden, visual=visual)
+        layer = self.start - 1
+        patch = Replace(layer_site(layer), self.dst, self.counterfactual.output(layer)[None], self.src)
+        hidden = patch.edit(self.clean.output(layer)[None, prefix:], offset=prefix)[0]
+        added = self.clean.injection(layer)
+        return Row(self.clean, self.start, prefix, hidden if added is None else hidden + added[prefix:])
 
 
 class PatchingEngine:
@@ -123,19 +119,10 @@ class PatchingEngine:
         self.keep_cache = not scorer.exact      # whole answers continue from each run's own cache
 
     def candidates(self, runs: Runs) -> torch.Tensor:
-        """(rows, candidates) probabilities of a batch of runs: the one place where the engine's runs, patched or
-        unpatched, become candidate probabilities (docs/experiments.md, "Scoring"): the first-token rule from
-        the logits, or whole answers teacher-forced from each run's own keys and values."""
-        scorer = self.scorer
-        if scorer.exact:
-            return scorer.probabilities(runs.logits).cpu()
-        out = torch.zeros(runs.logits.shape[0], len(scorer.candidates))
-        if not scorer.sequences:
-            return scorer.whole_answer_probabilities(runs.logits, torch.zeros(runs.logits.shape[0], 0, 0)).cpu()
-        for indices, inputs, cache in runs.caches(self.vlm.adapter):
-            continued = continue_answers(self.vlm, scorer, inputs, cache)
-            out[indices] = scorer.whole_answer_probabilities(runs.logits[indices], continued).cpu()
-        return out
+        """(rows, candidates) probabilities of a batch of runs, patched or unpatched (vlm.scoring.run_probabilities:
+        the first-token rule from the logits, or whole answers teacher-forced from each run's own keys and
+        values)."""
+        return run_probabilities(self.vlm, self.scorer, runs.logits, lambda: runs.caches(self.vlm.adapter))
 
     def run_pair(self, clean, counterfactual, plan: PatchPlan, sites: list,
                  clean_visual: torch.Tensor | None = None, cf_visual: torch.Tensor | None = None) -> PairRun:
@@ -175,44 +162,36 @@ class PatchingEngine:
             for j, i in enumerate(chunk):
                 visual[i] = embedded[j:j + 1]
         records = self._oom_retry(lambda: record(vlm, inputs, visual, self.batch_size))
-        unpatched = self.candidates(self._record_runs(records))
+        unpatched = self.candidates(recorded_runs(records, self.keep_cache))
         jobs = []
         for p, pair in enumerate(pairs):
             clean, cf = records[2 * p], records[2 * p + 1]
             dst, src = pair.plan.positions(vlm, clean.inputs["input_ids"], cf.inputs["input_ids"])
             prefix = clean.shareable_prefix(int(dst.min()))
-            jobs += [_Job(p, s, clean, cf, 0 if site == VISUAL else int(site) + 1, prefix, dst, src)
+            jobs += [_Job(p, s, clean, cf, 0 if site == VISUAL else int(site) + 1, prefix, dst, src, pair.plan)
                      for s, site in enumerate(sites)]
         patched = torch.zeros(len(pairs), len(sites), len(self.scorer.candidates))
         jobs.sort(key=lambda job: job.suffix)
         while jobs:
-            chunk = self._next_pass(jobs)
-            try:
-                probs = self.candidates(self._replay(chunk))
-            except torch.cuda.OutOfMemoryError:
-                if len(chunk) == 1:
-                    raise
-                torch.cuda.empty_cache()
-                self.batch_size = max(1, self.batch_size // 2)   # retry these rows in smaller passes
-                continue
+            chunk, probs = self._oom_retry(functools.partial(self._next_pass, jobs),
+                                           lambda chunk: self.candidates(self._replay(chunk)))
             for job, row in zip(chunk, probs, strict=True):
                 patched[job.pair, job.site] = row
             jobs = jobs[len(chunk):]
         return [PairRun(patched[p], unpatched[2 * p], unpatched[2 * p + 1]) for p in range(len(pairs))]
 
-    def _oom_retry(self, fn):
+    def _oom_retry(self, make, run=None):
+        """`make()` (then `run(made)`, returning both) retried with `batch_size` halved after each CUDA
+        out-of-memory error, until it fits or a batch of one does not."""
         while True:
             try:
-                return fn()
+                made = make()
+                return made if run is None else (made, run(made))
             except torch.cuda.OutOfMemoryError:
                 if self.batch_size == 1:
                     raise
                 torch.cuda.empty_cache()
                 self.batch_size = max(1, self.batch_size // 2)
-
-    def _record_runs(self, records: list[Record]) -> Runs:
-        return Runs(torch.stack([rec.logits for rec in records]), records,
-                    (lambda i: record_kv(records[i])) if self.keep_cache else None)
 
     # --- replay passes ---------------------------------------------------------------------------------
     def _row_cost(self, suffix: int, prefix: int) -> int:
@@ -248,43 +227,39 @@ class PatchingEngine:
             if longest == suffix:
                 break
             suffix = longest
-        rows = []
-        for job, prefix in zip(chunk, prefixes, strict=True):
-            hidden = job.clean.hidden(job.start)[prefix:].clone()
-            hidden[job.dst.to(hidden.device) - prefix] = job.counterfactual.hidden(job.start)[
-                job.src.to(hidden.device)].to(hidden.dtype)
-            rows.append(Row(job.clean, job.start, prefix, hidden))
-        replayed = replay(self.vlm, rows, keep_cache=self.keep_cache)
-        return Runs(replayed.logits, [row.record for row in rows], replayed.kv if self.keep_cache else None)
+        rows = [job.row(prefix) for job, prefix in zip(chunk, prefixes, strict=True)]
+        return replayed_runs(self.vlm, rows, self.keep_cache)
 
 
 @torch.no_grad()
-def naive_sweep(vlm: VLM, scorer: AnswerScorer, clean, counterfactual, plan: PatchPlan, sites) -> torch.Tensor:
-    """Reference: the counterfactual run once with every site recorded, then for each site one full forward
-    of the clean input (batch 1, vision tower included) patched at that site. (sites, candidates)."""
+def naive_sweep(vlm: VLM, scorer: AnswerScorer, clean, counterfactual, plan: PatchPlan, sites,
+                clean_visual: torch.Tensor | None = None, cf_visual: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: the counterfactual run once with every site read, then for each site one full forward of the
+    clean input (batch 1, vision tower included unless `clean_visual` / `cf_visual` give the visual embeddings)
+    patched at that site. (sites, candidates)."""
     clean_in = vlm.encode([clean.image], [clean.prompt])
     cf_in = vlm.encode([counterfactual.image], [counterfactual.prompt])
     dst, src = plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
-    with read_sites(vlm, list(sites)) as cf_acts:
-        vlm.last_logits(cf_in)
+    names = [site_name(site) for site in sites]
+    with intervene(vlm, [Read(name) for name in names if name != VISUAL]) as cf_acts:
+        cf_visual = vlm.visual_tokens(cf_in) if cf_visual is None else cf_visual
+        vlm.last_logits(cf_in, cf_visual)
+    cf_acts[VISUAL] = cf_visual
     out = []
-    for site in sites:
-        out.append(candidate_probabilities(
-            vlm, scorer, clean_in, during=lambda site=site: naive_patch(vlm, plan, site, cf_acts[site], dst, src))[0].cpu())
+    for name in names:
+        patch = naive_patch(plan, name, cf_acts[name], dst, src)
+        out.append(candidate_probabilities(vlm, scorer, clean_in, clean_visual, [patch])[0])
     return torch.cat(out)
 
 
-def naive_patch(vlm: VLM, plan: PatchPlan, site, source: torch.Tensor, dst: torch.Tensor, src: torch.Tensor):
-    """The context manager patching one full forward at `site` from the counterfactual's recorded `source`."""
-    if site == VISUAL:
-        def edit(tokens):
-            tokens = tokens.clone()
-            tokens[:, plan.dst_tokens] = source[:, plan.src_tokens]
-            return tokens
-        return edit_visual_tokens(vlm, edit)
+def site_name(site) -> str:
+    """The intervention site (vlm/interventions.py) of a sweep's site: "visual", or layer l -> "layer.<l>"."""
+    return VISUAL if site == VISUAL else layer_site(int(site))
 
-    def edit_layer(hidden):
-        hidden = hidden.clone()
-        hidden[:, dst.to(hidden.device)] = source[:, src.to(hidden.device)]
-        return hidden
-    return edit_residual(vlm, int(site), edit_layer)
+
+def naive_patch(plan: PatchPlan, name: str, source: torch.Tensor, dst: torch.Tensor, src: torch.Tensor) -> Replace:
+    """The patch of one full forward at site `name` from the counterfactual's `source` (its tensor at that site):
+    visual token indices at "visual", sequence positions `dst` <- `src` at a layer."""
+    if name == VISUAL:
+        return Replace(VISUAL, plan.dst_tokens, source, plan.src_tokens)
+    return Replace(name, dst, source, src)

@@ -1,8 +1,9 @@
 """Drawing saved patching sweeps: probability of each outcome against the patched site, mean across pairs
-with a +-1 standard deviation band, one panel per model and setting. Used by the figure directories'
-plot scripts; reads results only, never a model."""
+with a +-1 standard deviation band (the spread across pairs, named in the legend), one panel per model and
+setting; a unit that measures nothing (common.results.measures_nothing: the model never gives the setting's
+answers) gets a panel saying so instead of flat zeros. Used by the figure directories' plot scripts; reads
+results only, never a model."""
 
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -10,8 +11,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-from common.results import find_units, load_unit  # noqa: E402
+from common.cli import no_results  # noqa: E402
+from common.results import find_units, load_unit, measures_nothing  # noqa: E402
 
 
 def load_sweeps(results: Path, experiment: str) -> list[tuple[str, str, dict, dict]]:
@@ -31,7 +34,11 @@ def plot_sweeps(units, outcomes: dict[str, str], title: str, out: Path, name: st
     columns = min(3, len(units))
     rows = -(-len(units) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for ax, (model, setting, _metrics, arrays) in zip(axes.flat, units, strict=False):
+    for ax, (model, setting, metrics, arrays) in zip(axes.flat, units, strict=False):
+        nothing = measures_nothing(metrics)
+        if nothing:
+            say_nothing(ax, f"{model} / {setting}", nothing)
+            continue
         keep = np.ones(len(arrays["orientation"]), bool) if orientation is None else arrays["orientation"] == orientation
         sites = [str(s) for s in arrays["sites"]]
         x = np.arange(len(sites))
@@ -53,9 +60,14 @@ def plot_sweeps(units, outcomes: dict[str, str], title: str, out: Path, name: st
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(units):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="best")
+    drawn = [ax for ax in axes.flat if ax.get_lines()]
+    if drawn:
+        handles, labels = drawn[0].get_legend_handles_labels()
+        handles.append(Patch(color="0.5", alpha=0.3))
+        labels.append("shaded: +-1 s.d. across pairs, in its curve's colour")
+        fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)   # below the panels
     fig.suptitle(title + (f" ({orientation})" if orientation else ""), fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"{name}_{orientation}.png" if orientation else f"{name}.png")
     fig.savefig(path, dpi=140)
@@ -63,10 +75,35 @@ def plot_sweeps(units, outcomes: dict[str, str], title: str, out: Path, name: st
     return path
 
 
+def say_nothing(ax, title: str, why: str) -> None:
+    """A panel that measures nothing: its title and the reason, in place of the axes."""
+    ax.set_title(title, fontsize=9)
+    ax.text(0.5, 0.5, "\n".join(_wrap(why, 42)), ha="center", va="center", fontsize=8, transform=ax.transAxes,
+            color="0.3")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + [line]
+
+
 def sweep_summary(units, outcomes: dict[str, str]) -> str:
-    """Markdown: per unit and outcome, the site where the mean peaks and its value, and the unpatched means."""
+    """Markdown: per unit and outcome, the site where the mean peaks and its value, and the unpatched means (a
+    unit that measures nothing: one row saying why)."""
     lines = ["| model | setting | outcome | unpatched clean | peak site | peak mean |", "|---|---|---|---|---|---|"]
     for model, setting, metrics, _arrays in units:
+        nothing = measures_nothing(metrics)
+        if nothing:
+            lines.append(f"| {model} | {setting} | {nothing} | | | |")
+            continue
         for key, label in outcomes.items():
             stats = metrics["outcomes"][key]
             peak = int(np.argmax(stats["mean"]))
@@ -75,27 +112,16 @@ def sweep_summary(units, outcomes: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def draw_figure(results: Path, out: Path, experiment: str, outcomes: dict[str, str], title: str) -> int:
-    """The whole plot script of a sweep figure: all panels, one PNG per orientation, and summary.md."""
+def draw_figure(results: Path, out: Path, experiment: str, outcomes: dict[str, str], title: str,
+                figure: str) -> int:
+    """The whole plot of a sweep figure (figures/<figure>/plot.py): all panels, one PNG per orientation, and
+    summary.md. UsageError when there are no results."""
     units = load_sweeps(results, experiment)
     if not units:
-        print(f"error: no {experiment} results under {results / experiment}; run scripts/<figure>.sh first",
-              file=sys.stderr)
-        return 2
+        raise no_results(experiment, results, figure)
     written = [plot_sweeps(units, outcomes, title, out, experiment)]
     written += [plot_sweeps(units, outcomes, title, out, experiment, o) for o in ("horizontal", "vertical")]
     summary = sweep_summary(units, outcomes)
     (out / "summary.md").write_text(summary)
     print(summary + "written: " + ", ".join(str(p) for p in written))
     return 0
-
-
-def figure_main(experiment: str, outcomes: dict[str, str], title: str, figure_dir: Path) -> int:
-    """The command line of a sweep figure's plot.py: --results (default results), --out (default <figure>/out)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=f"Redraw the {experiment} figure from saved results.")
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--out", type=Path, default=figure_dir / "out")
-    args = parser.parse_args()
-    return draw_figure(args.results, args.out, experiment, outcomes, title)

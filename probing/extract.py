@@ -9,8 +9,8 @@ a split is the slice [start, stop) of that sequence, so a training split [0, n_t
     <embeddings_dir>/<model>/<setting>/<arrangement>_seed<seed>_<start>-<stop>.npz
 
 holding the embeddings and what is needed to label their tokens (see `Embeddings`). A What'sUp setting has
-fixed images instead (data_gen.samples.setting_samples): its splits are [start, stop) of the composites of a
-named split (train, test), cached as `<arrangement>_<split>_seed<seed>_<start>-<stop>.npz`. The file also stores
+fixed images instead (data_gen.samples.setting_samples): its splits are [start, stop) of the composites with
+boxes of a named split (train, test), cached as `<arrangement>_<split>_seed<seed>_<start>-<stop>.npz`. The file also stores
 a key (model and setting config, arrangement, seed, slice, dtype); a file whose key differs is extracted
 again, and so is every file when redo=true.
 """
@@ -29,7 +29,7 @@ from common.errors import UsageError, check_choice
 from common.geometry import ORIENTATIONS, Grid, Layout, grid_boxes, token_indices
 from data_gen.pairs import shape_grid
 from data_gen.render import Sample, draw_scene
-from data_gen.samples import setting_samples, setting_source
+from data_gen.samples import setting_samples, setting_source, whatsup_split
 from data_gen.settings import Setting
 
 EMBEDDING_DTYPES = ("float16", "float32")
@@ -171,14 +171,14 @@ def split_key(cfg: DictConfig, arrangement: str, start: int, stop: int, split: s
 
 def split_samples(cfg: DictConfig, setting: Setting, arrangement: str, start: int, stop: int,
                   split: str | None = None) -> list[Sample]:
-    """The images of one split: [start, stop) of the seeded arrangements (synthetic), or of the composites of
-    `split` (What'sUp, horizontal only)."""
+    """The images of one split: [start, stop) of the seeded arrangements (synthetic), or of the composites with
+    boxes of `split` (What'sUp, horizontal only)."""
     if setting_source(cfg) == "synthetic":
         grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
         return arrangement_samples(setting, grid, layout, arrangement, cfg.seed, start, stop)
     if arrangement != "horizontal" or split is None:
         raise UsageError(f"setting {setting.name!r} has horizontal composites only, split by name; got {arrangement}")
-    samples = setting_samples(cfg, split, queried=False)[start:stop]
+    samples = setting_samples(cfg, split, queried=False, boxes=True)[start:stop]
     if not samples:
         raise UsageError(f"the What'sUp {split} split has no composites in [{start}, {stop}); "
                          f"raise setting.n_composites or change setting.splits")
@@ -220,3 +220,18 @@ def load_or_extract(cfg: DictConfig, setting: Setting, arrangement: str, start: 
     emb = samples_to_embeddings(samples, tokens, grid)
     save_embeddings(path, emb, key)
     return emb, path
+
+
+def whatsup_probe_composites(cfg: DictConfig, splits=(("train", "n_train"), ("test", "n_test"))) -> dict[str, dict]:
+    """Per What'sUp split the probe reads: its composites with boxes (data_gen.samples.whatsup_split) and how many
+    of them it uses (the first `cfg[key]`, null: all), as {split: {"n", "with_boxes", "dropped_box_not_found",
+    "dropped_box_outside", "used"}}; UsageError in one line when a split has no composite with boxes."""
+    records = {}
+    for split, key in splits:
+        composites, record = whatsup_split(cfg, split, boxes=True)
+        if not composites:
+            raise UsageError(f"the What'sUp {split} split has no composite whose objects have boxes ({record}): "
+                             f"raise setting.n_composites or setting.splits.{split}, or check data.whatsup_boxes")
+        n = cfg.get(key)
+        records[split] = {**record, "used": len(composites) if n is None else min(int(n), len(composites))}
+    return records

@@ -14,14 +14,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from common.errors import UsageError
+from common.errors import UsageError, check_choice
 
 FIELDS = ("weight", "bias", "mean", "scale", "classes")
 
 
 @dataclass
 class Probe:
-    """p(class | x) = softmax(((x - mean) / scale) @ weight.T + bias), over `classes`.
+    """p(class | x) = softmax(((x - mean) / scale) @ weight.T + bias), over `classes` (a one-vs-rest probe,
+    fit_probe(rows="one_vs_rest"), holds its k binary logits: its class is their argmax, as here).
 
     weight (k, hidden), bias (k,), mean and scale (hidden,) of the standardisation (0 and 1 without it),
     classes (k,) int labels. A two-class scikit-learn model (one logit z) is stored as logits (-z/2, z/2),
@@ -69,10 +70,19 @@ class Probe:
         return cls(**{field: np.asarray(arrays[f"{name}.{field}"]) for field in FIELDS})
 
 
+ROWS = ("multinomial", "one_vs_rest")
+
+
 def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = True,
-              max_iter: int = 1000, seed: int = 0) -> Probe:
+              max_iter: int = 1000, seed: int = 0, rows: str = "multinomial") -> Probe:
     """Fit LogisticRegression(C) on `x` (n, hidden) and labels `y` (n,), after StandardScaler if
     `standardize`. UsageError when fewer than two classes are present.
+
+    `rows`: multinomial (one softmax over the k classes; its k weight rows sum to about zero, since adding a
+    vector to every row leaves the softmax unchanged and the L2 penalty picks the zero-mean rows) or one_vs_rest
+    (k binary regressions, class i against the others; row i and bias i are regression i's, and the class
+    predicted is the largest of the k logits, as scikit-learn's one-vs-rest predicts). Steering's "every token
+    gets every class direction" reading needs one-vs-rest rows: multinomial rows would cancel.
 
     The fit runs on one BLAS / OpenMP thread: L-BFGS makes hundreds of small vector operations, and on a
     16-core machine spreading each over 16 threads made a probe unit 3x slower (docs/performance.md)."""
@@ -85,8 +95,16 @@ def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = 
         mean, scale = scaler.mean_, scaler.scale_      # scale_ is 1 where a feature is constant
     else:
         mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
+    check_choice("probe rows", rows, ROWS)
+    z = (x - mean) / scale
     with threadpool_limits(limits=1):
-        model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit((x - mean) / scale, y)
+        if rows == "one_vs_rest":
+            fits = [LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(z, y == c) for c in classes]
+            weight = np.concatenate([fit.coef_ for fit in fits])
+            bias = np.concatenate([fit.intercept_ for fit in fits])
+            return Probe(weight.astype(np.float32), bias.astype(np.float32), mean.astype(np.float32),
+                         scale.astype(np.float32), classes.astype(np.int64))
+        model = LogisticRegression(C=C, max_iter=max_iter, random_state=seed).fit(z, y)
     weight, bias = model.coef_, model.intercept_
     if len(classes) == 2:
         weight, bias = np.concatenate([-weight / 2, weight / 2]), np.concatenate([-bias / 2, bias / 2])
@@ -95,12 +113,13 @@ def fit_probe(x: np.ndarray, y: np.ndarray, C: float = 1.0, standardize: bool = 
 
 
 def fit_item_probe(probe_cfg, seed: int, tokens: np.ndarray, item_tokens: np.ndarray,
-                   labels: np.ndarray) -> tuple[Probe, dict]:
+                   labels: np.ndarray, rows: str = "multinomial") -> tuple[Probe, dict]:
     """A probe fit on every item token of one embedding split (see item_examples) with the config's `C`,
-    `standardize` and `max_iter`, and its training numbers (train_accuracy, n_train_images, n_train_tokens)."""
+    `standardize` and `max_iter` (`rows` as in fit_probe), and its training numbers (train_accuracy,
+    n_train_images, n_train_tokens)."""
     x, y = item_examples(tokens, item_tokens, labels)
     probe = fit_probe(x, y, C=probe_cfg.C, standardize=probe_cfg.standardize, max_iter=probe_cfg.max_iter,
-                      seed=seed)
+                      seed=seed, rows=rows)
     return probe, {"train_accuracy": float((probe.predict(x) == y).mean()), "n_train_images": len(tokens),
                    "n_train_tokens": len(y)}
 

@@ -12,8 +12,11 @@ holds each probe's weights (probing.probes.load_probe reads them back), heat map
 the metrics. The model is loaded only when an embedding split is not cached yet.
 
 whatsup_probes: one horizontal probe on What'sUp composites (setting whatsup), trained on the tokens inside
-the item boxes of the first n_train composites of the train split (null: all), tested on n_test of the test
-split; labels are the items' positions (0 left object, 1 reference, 2 right object).
+the item boxes of the first n_train composites (default 90, as the paper's every setting; null: all) of the train
+split that have boxes, tested on the first n_test (default 30) of the test split that have boxes; labels are
+the items' positions (0 left object, 1 reference, 2 right object). The splits are those of every What'sUp
+experiment (drawn from the seed alone); how many composites each split dropped for missing boxes is recorded
+(`whatsup_composites`).
 """
 
 from dataclasses import dataclass
@@ -26,13 +29,14 @@ from common.geometry import ORIENTATIONS, Grid, Layout
 from common.results import fmt_metric
 from data_gen.samples import setting_source
 from data_gen.settings import Setting
-from data_gen.whatsup import load_splits, require_boxes, whatsup_root
+from data_gen.whatsup import require_boxes, split_sizes, whatsup_root
 from probing.extract import (
     Embeddings,
     check_arrangement,
     check_count,
     grid_size,
     load_or_extract,
+    whatsup_probe_composites,
 )
 from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, token_probabilities
 from probing.probes import Probe, fit_item_probe, item_examples
@@ -46,7 +50,10 @@ DEFINITIONS = {
                        "distance along the probe's axes (cols: horizontal / col probe, rows: vertical / row probe, "
                        "both: cell probe) to the item's token box; tokens tied between two labels left out",
     "splits": "train and test are disjoint slices [0, n_train) and [n_train, n_train + n_test) of one seeded "
-              "sequence of distinct item arrangements",
+              "sequence of distinct item arrangements; What'sUp: the first n_train / n_test composites with boxes "
+              "of the train and test splits",
+    "whatsup_composites": "per What'sUp split: its composites (n), those whose objects have boxes, those dropped "
+                          "because a needed box is null (not found) or falls outside its part, and those used",
 }
 
 
@@ -102,6 +109,7 @@ def check_inputs(cfg: DictConfig, setting: Setting, specs: list[ProbeSpec]) -> N
     if not float(cfg.probe.C) > 0:
         raise UsageError(f"probe.C={cfg.probe.C} must be positive (inverse regularisation strength)")
     if setting_source(cfg) == "whatsup":
+        whatsup_probe_composites(cfg)       # reads the data: bad photos, boxes or empty splits stop here
         return
     grid, layout = Grid.from_config(cfg.model.grid), Layout.from_config(cfg.model.layout)
     for arrangement in dict.fromkeys(s.arrangement for s in specs):
@@ -150,11 +158,11 @@ def evaluate(probe: Probe, emb: Embeddings, labels: np.ndarray, axes) -> tuple[d
 
 def train_test_embeddings(cfg: DictConfig, setting: Setting, arrangement: str, get_vlm):
     """((train Embeddings, path), (test Embeddings, path)): disjoint slices of one arrangement sequence, or
-    the first n_train / n_test (null: all) composites of the What'sUp train and test splits."""
+    the first n_train / n_test (null: all) composites with boxes of the What'sUp train and test splits."""
     if setting_source(cfg) == "whatsup":
-        sizes = {name: len(composites) for name, composites in load_splits(cfg).items()}
-        return tuple(load_or_extract(cfg, setting, arrangement, 0, min(n or sizes[split], sizes[split]), get_vlm,
-                                     split=split) for split, n in (("train", cfg.n_train), ("test", cfg.n_test)))
+        records = whatsup_probe_composites(cfg)
+        return tuple(load_or_extract(cfg, setting, arrangement, 0, records[split]["used"], get_vlm, split=split)
+                     for split in ("train", "test"))
     return (load_or_extract(cfg, setting, arrangement, 0, cfg.n_train, get_vlm),
             load_or_extract(cfg, setting, arrangement, cfg.n_train, cfg.n_train + cfg.n_test, get_vlm))
 
@@ -182,7 +190,37 @@ def probes(cfg: DictConfig, get_vlm):
         arrays.update(probe.to_arrays(spec.name))
         arrays.update({f"{spec.name}.{key}": value for key, value in test_arrays.items()})
         arrays[f"{spec.name}.train_image_id"] = train.image_id
-    for probe_name, m in metrics.items():
-        print(f"{name} {cfg.model.name} {setting.name} {probe_name}: test accuracy {m['test_accuracy']:.3f}, "
-              f"strip agreement {fmt_metric(m['strip_agreement'])}")
-    return {"probes": metrics, "definitions": DEFINITIONS}, arrays
+    out = {"probes": metrics, "definitions": DEFINITIONS}
+    if setting_source(cfg) == "whatsup":
+        out["whatsup_composites"] = whatsup_probe_composites(cfg)
+    return out, arrays
+
+
+# --- for the runner ----------------------------------------------------------------------------------------
+
+def check(cfg: DictConfig) -> None:
+    """Every UsageError a probing run raises on its config (check_inputs), before a model loads."""
+    check_choice("probing experiment", cfg.experiment.name, EXPERIMENTS)
+    check_inputs(cfg, Setting.from_config(cfg.setting), probe_specs(cfg))
+
+
+def passes(cfg: DictConfig) -> dict:
+    """What a unit runs (runner.paper --dry-run): vision passes only, one per image of each arrangement's train
+    and test splits (cached embeddings are not recomputed); What'sUp: the composites of its train and test
+    splits (data_gen.whatsup.split_sizes of `setting.n_composites`; None when it is null)."""
+    if setting_source(cfg) == "whatsup":
+        n = cfg.setting.get("n_composites")
+        if n is None:
+            return {"lm": 0, "vision": None, "patched": 0}
+        sizes = split_sizes(int(n), cfg.setting.splits)
+        images = sum(sizes[split] if cfg[key] is None else min(int(cfg[key]), sizes[split])
+                     for key, split in (("n_train", "train"), ("n_test", "test")))
+        return {"lm": 0, "vision": images, "patched": 0}
+    arrangements = len({spec.arrangement for spec in probe_specs(cfg)})
+    return {"lm": 0, "vision": arrangements * (int(cfg.n_train) + int(cfg.n_test)), "patched": 0}
+
+
+def summary(metrics: dict) -> str:
+    """Each probe's test accuracy on item tokens and strip agreement."""
+    return "test accuracy (strip agreement): " + ", ".join(
+        f"{name} {m['test_accuracy']:.2f} ({fmt_metric(m['strip_agreement'], 2)})" for name, m in metrics["probes"].items())

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One figure: run its experiment over its grid of models and settings (configs/sweep/<figure>.yaml, one Hydra
-# multirun through `python -m runner`), then redraw it from the results (figures/<figure>/plot.py).
+# multirun through `python -m runner`), then redraw it from the results (figures/<figure>/plot.py, run as a module
+# from the repository root so that it reads this checkout's code).
 #   bash scripts/figure.sh <figure> [key=value ...]
 # Every argument goes to the runner (model=organism, setting=squares,shapes, n_pairs=4, hydra/launcher=slurm, ...);
 # results_dir=D is also where the plot reads, figures_dir=D is where it draws (default figures/<figure>/out).
@@ -17,4 +18,4 @@ for arg in "$@"; do
   esac
 done
 "$PY" -m runner sweep="$name" "${args[@]}"
-"$PY" "figures/$name/plot.py" --results "$results" --out "$out"
+"$PY" -m "figures.$name.plot" --results "$results" --out "$out"

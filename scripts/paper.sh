@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The whole paper: every figure and table (their sweeps, configs/sweep/), for the given models at the paper's
-# sizes, unit by unit in one process (each model loaded once; finished units are skipped, so a stopped run
-# resumes), then every figure drawn. Per-figure wall time, patched runs per second and peak GPU memory go to
+# The whole paper: every figure and table (configs/sweep/paper.yaml lists them in order, each a sweep of
+# configs/sweep/), for the given models at the paper's sizes, unit by unit in one process (every unit checked
+# first; each model loaded once; finished units are skipped, so a stopped run resumes), then every figure drawn. Per-figure wall time, patched runs per second and peak GPU memory go to
 # <results_dir>/timings.json and a table at the end of the log (runner/paper.py).
 #   bash scripts/paper.sh --dry-run                   # the plan: units and forward passes per figure
 #   bash scripts/paper.sh                             # qwen2vl_7b and gemma3_4b on a GPU

@@ -5,10 +5,17 @@ probe_i is the probe's own weight row for class i expressed in the visual-embedd
 standardising probe, logit_i = ((x - mean) / scale) @ w_i + b_i, so the row is w_i / scale (the gradient of
 logit_i with respect to x), added as it is, so that alpha has the paper's scale (`directions: probe`). The
 unit-norm variant (`directions: unit`, an option of ours, not the paper's) adds alpha times w_i / |w_i| instead.
-Which class a token gets is open in the paper: here, the class the probe predicts for that token (before the
-change), so each token is pushed further towards the position it already encodes (docs/experiments.md,
-"amplification"). A baseline replaces the probe's directions by random ones of the same norms
-(`random_directions`), assigned to tokens the same way.
+
+Which class a token gets is open in the paper ("probe_i is the probe direction corresponding to object i ... We
+apply this intervention to all visual token embeddings, across all probe directions"); two readings
+(`directions_per_token`, docs/experiments.md, "amplification"):
+- predicted (the default): each token gets the direction of the class the probe predicts for it (before the
+  change), so each token is pushed further towards the position it already encodes;
+- all: every token gets every class direction, alpha * (probe_0 + probe_1 + probe_2). A multinomial probe's rows
+  sum to about zero (the softmax is unchanged by adding one vector to every row, and the L2 penalty picks the
+  zero-mean rows), so this reading uses one-vs-rest rows (probing.probes.fit_probe(rows="one_vs_rest")).
+A baseline replaces the probe's directions by random ones of the same norms (`random_directions`), given to the
+tokens by the same reading.
 """
 
 import math
@@ -19,6 +26,7 @@ import torch
 from common.errors import check_choice
 
 DIRECTION_SCALES = ("probe", "unit")
+DIRECTIONS_PER_TOKEN = ("predicted", "all")
 
 
 def class_directions(probe, scale: str = "probe") -> np.ndarray:
@@ -35,12 +43,17 @@ def token_classes(probe, tokens: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(logits.argmax(-1))
 
 
-def amplify(tokens: torch.Tensor, directions: torch.Tensor, alpha: float, classes: torch.Tensor) -> torch.Tensor:
-    """`tokens` (batch, n_tokens, hidden) with alpha * directions[classes[b, t]] added to token t of example b, in
-    float32. directions (k, hidden), one per probe class; classes (batch, n_tokens) indices into them. alpha = 0
-    returns the tokens unchanged."""
+def amplify(tokens: torch.Tensor, directions: torch.Tensor, alpha: float,
+            classes: torch.Tensor | None = None) -> torch.Tensor:
+    """`tokens` (batch, n_tokens, hidden) with alpha * directions[classes[b, t]] added to token t of example b
+    (`directions_per_token: predicted`), or, with `classes` None, alpha * the sum of every direction added to every
+    token (`all`); in float32. directions (k, hidden), one per probe class; classes (batch, n_tokens) indices into
+    them. alpha = 0 returns the tokens unchanged."""
     tokens = tokens.float()
-    return tokens + alpha * directions.to(tokens.device, torch.float32)[classes.to(tokens.device)]
+    directions = directions.to(tokens.device, torch.float32)
+    if classes is None:
+        return tokens + alpha * directions.sum(0)
+    return tokens + alpha * directions[classes.to(tokens.device)]
 
 
 def random_directions(norms: np.ndarray, hidden: int, seed: int) -> np.ndarray:

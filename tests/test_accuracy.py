@@ -1,17 +1,16 @@
 """The accuracy experiment end to end on a twin, its metrics, resumption, and bad input on the CLI."""
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import runner
 from accuracy.experiment import accuracy_metrics
 from common.results import load_unit, unit_dir
 from runner import run_unit
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg
 
 REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
 
@@ -62,12 +61,11 @@ def test_accuracy_run_writes_resumes_and_redoes(tmp_path, capsys):
     (["model=tiny_qwen2vl", "model.init=bogus"], "bogus"),
     (["model=tiny_qwen2vl", "device=cuda:63"], "cuda:63"),
 ])
-def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, args, needle):
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, args, needle, capsys):
     device = [] if any(a.startswith("device=") for a in args) else ["device=cpu"]
-    proc = subprocess.run([sys.executable, "-m", "runner", *args, *device, "n=4",
-                           f"results_dir={tmp_path / 'results'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code = runner.main([*args, *device, "n=4", f"results_dir={tmp_path / 'results'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err and err.count("\n") == 1
+    assert "Traceback" not in err
     assert not (tmp_path / "results").exists()

@@ -8,17 +8,19 @@ import torch
 from PIL import Image
 
 from common.geometry import pixel_box
-from tests.conftest import TWINS, load_twin
+from tests.helpers import load_twin, make_cfg
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
-from vlm.hooks import capture
+from vlm.interventions import VISUAL, Read, intervene
 
-FAMILY_TWIN = {"qwen2vl": "tiny_qwen2vl", "gemma3": "tiny_gemma3"}
+FAMILY_TWIN = {"qwen2vl": "tiny_qwen2vl", "gemma3": "tiny_gemma3", "qwen2_5vl": "tiny_qwen2_5vl",
+               "qwen3vl": "tiny_qwen3vl", "llava": "tiny_llava", "internvl3": "tiny_internvl3"}
 PROMPTS = ["The color of the square to the left of the green square is", "The object above the key is"]
 
 
 def test_every_registered_family_has_a_twin_here():
-    assert set(ADAPTERS) == set(FAMILY_TWIN) and set(FAMILY_TWIN.values()) <= set(TWINS)
+    assert set(ADAPTERS) == set(FAMILY_TWIN)
+    assert {make_cfg(f"model={twin}").model.family for twin in FAMILY_TWIN.values()} == set(ADAPTERS)
 
 
 @pytest.fixture(params=sorted(FAMILY_TWIN))
@@ -45,7 +47,8 @@ def test_every_named_module_resolves_and_its_hook_fires(vlm):
     modules |= {f"decoder_layers.{i}": layer for i, layer in enumerate(adapter.decoder_layers(model))}
     modules |= {f"attention.{i}": att for i, att in enumerate(adapter.attention_modules(model))}
     modules |= {f"vision_layers.{i}": layer for i, layer in enumerate(adapter.module(model, "vision_layers"))}
-    assert {name.split(".")[0] for name in modules} == set(MODULE_NAMES)
+    modules |= {f"visual_modules.{i}": module for i, module in enumerate(adapter.visual_modules(model))}
+    assert {name.split(".")[0] for name in modules} == set(MODULE_NAMES) | {"visual_modules"}
     assert len(adapter.attention_modules(model)) == vlm.n_layers >= 2
     fired = []
     handles = [module.register_forward_hook(lambda *_args, name=name: fired.append(name))
@@ -67,7 +70,8 @@ def local_vision(vlm):
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
     blocks = vlm.adapter.module(vlm.model, "vision_layers")
-    handles = [block.register_forward_hook(passthrough, with_kwargs=True) for block in blocks]
+    # prepend: before transformers' own output-recording hooks (LLaVA reads layer -2 from the recorded states)
+    handles = [block.register_forward_hook(passthrough, with_kwargs=True, prepend=True) for block in blocks]
     try:
         yield vlm
     finally:
@@ -75,9 +79,10 @@ def local_vision(vlm):
             handle.remove()
 
 
-@pytest.mark.parametrize("row,col", [(0, 0), (2, 7), (5, 1), (11, 11)])
+@pytest.mark.parametrize("row,col", [(0, 0), (2, 7), (5, 1), (-1, -1)])
 def test_visual_token_k_is_row_k_div_cols_col_k_mod_cols(local_vision, row, col):
     vlm = local_vision
+    row, col = row % vlm.grid.rows, col % vlm.grid.cols
     tokens = vlm.image_embeddings([white(vlm.grid), one_block_image(vlm.grid, row, col)], batch_size=2)
     changed = (tokens[1] - tokens[0]).abs().amax(-1) > 1e-5
     assert changed.nonzero().flatten().tolist() == [row * vlm.grid.cols + col]
@@ -98,14 +103,35 @@ def test_encode_puts_one_image_token_per_visual_token_and_left_pads(vlm):
 
 
 def test_visual_embeddings_round_trip_through_the_modules_layout(vlm):
+    """Each visual module's output, in row-major token order, round-trips through the module's own layout; the
+    modules' tokens side by side are the visual embeddings (Qwen3-VL: its main and DeepStack mergers'), and
+    `visual_parts` splits them back."""
     inputs = vlm.encode([white(vlm.grid), one_block_image(vlm.grid, 3, 4)], PROMPTS)
-    with capture({"visual": vlm.visual_embedding_module}) as cache:
-        vlm.last_logits(inputs)
-    output = cache["visual"]
-    tokens = vlm.adapter.visual_tokens(output, vlm.n_visual_tokens)
-    assert tokens.shape == (2, vlm.n_visual_tokens, output.shape[-1])
-    assert torch.equal(vlm.adapter.visual_output(tokens, output), output)
-    torch.testing.assert_close(tokens, vlm.visual_tokens(inputs))
+    modules = vlm.adapter.visual_modules(vlm.model)
+    assert modules[0] is vlm.visual_embedding_module
+    cache = {}
+    raw = [module.register_forward_hook(lambda _m, _a, out, i=i: cache.__setitem__(i, out))
+           for i, module in enumerate(modules)]
+    try:
+        with intervene(vlm, [Read(VISUAL)]) as read:
+            vlm.last_logits(inputs)
+    finally:
+        for handle in raw:
+            handle.remove()
+    parts = []
+    for i in range(len(modules)):
+        output = cache[i]
+        tokens = vlm.adapter.visual_tokens(output, vlm.n_visual_tokens)
+        assert tokens.shape == (2, vlm.n_visual_tokens, output.shape[-1])
+        assert torch.equal(vlm.adapter.visual_output(tokens, output), output)
+        parts.append(tokens)
+    # the "visual" site reads every module's tokens side by side, as the visual embeddings are
+    torch.testing.assert_close(read[VISUAL], torch.cat(parts, dim=-1), rtol=0, atol=0)
+    joined = vlm.visual_tokens(inputs)
+    torch.testing.assert_close(torch.cat(parts, dim=-1), joined)
+    for part, split in zip(parts, vlm.adapter.visual_parts(joined, vlm.model), strict=True):
+        torch.testing.assert_close(split, part)
+    assert len(vlm.adapter.injected_after(vlm.model)) == len(modules) - 1
 
 
 @pytest.mark.parametrize("route", ["mm_encoder_outputs", "get_image_features"])

@@ -1,7 +1,9 @@
-"""ScalingVis / AdaptVis on both twins (steering/attention.py): the authors' operation against an attention
-forward written out by hand, identity at c = 1, only the last row's image-key scores changed, sdpa = eager,
-the vision tower untouched, the attention implementation restored; AdaptVis's rounded confidence and choice;
-and the post-softmax reweighting that is kept under its own name."""
+"""ScalingVis / AdaptVis on both twins (steering/scalingvis.py, through the score sites of vlm/interventions.py):
+the authors' operation against an attention forward written out by hand, identity at c = 1, only the last row's
+image-key scores changed, sdpa = eager, the vision tower untouched, the attention implementation restored;
+the last position replayed from a recorded plain forward equal to the full forward; AdaptVis's rounded
+confidence and choice; and the post-softmax reweighting that is kept under its own name
+(steering/reweighting.py)."""
 
 import math
 
@@ -13,21 +15,21 @@ from transformers import AttentionInterface
 from common.errors import UsageError
 from data_gen.render import random_samples
 from data_gen.settings import Setting
-from steering.attention import (
-    _ACTIVE,
-    PREFIX,
+from steering.reweighting import reweighted_logits, reweighting_rows
+from steering.scalingvis import (
     adaptvis_coefficients,
     adaptvis_confidence,
     adaptvis_rows,
     choose_coefficients,
-    reweighted_logits,
-    scale_image_attention,
-    scaled_last_row,
     scaled_logits,
+    scalingvis_edits,
+    scalingvis_rows,
 )
-from tests.conftest import TWINS, make_cfg
-from vlm.hooks import capture
+from tests.helpers import TWINS, load_twin, make_cfg
+from vlm.interventions import ATTENTION_PREFIX, VISUAL, Read, ScaleScores, attention_rows, intervene
 from vlm.models import load_model
+from vlm.replay import record, replayed_runs
+from vlm.scoring import AnswerScorer, candidate_probabilities, replayed_probabilities
 
 _eager, _prepared = {}, {}
 
@@ -40,8 +42,6 @@ def eager_twin(name: str):
 
 
 def sdpa_twin(name: str):
-    from tests.conftest import load_twin
-
     return load_twin(name)
 
 
@@ -265,7 +265,8 @@ def test_softcap_comes_before_the_coefficient():
     query, key, value = torch.randn(2, 4, 5, 8) * 3, torch.randn(2, 2, 5, 8) * 3, torch.randn(2, 2, 5, 8)
     image = torch.tensor([[False, True, True, False, False], [False, False, True, True, False]])
     coefficients = torch.tensor([0.0, 2.0])
-    out, weights = scaled_last_row(query, key, value, None, 0.5, coefficients, image, groups=2, softcap=4.0)
+    edit = ScaleScores("scores.0", coefficients, image, "last")
+    out, weights = attention_rows(query, key, value, None, 0.5, [edit], groups=2, softcap=4.0, rows=slice(-1, None))
     k, v = key.repeat_interleave(2, 1), value.repeat_interleave(2, 1)
     scores = 4.0 * torch.tanh(query[:, :, -1:] @ k.transpose(2, 3) * 0.5 / 4.0)
     scores = torch.where(image[:, None, None], scores * coefficients[:, None, None, None], scores)
@@ -284,30 +285,33 @@ def test_vision_tower_is_untouched(twin):
             handles.append(module.register_forward_pre_hook(
                 lambda m, _args: seen.add(m.config._attn_implementation)))
     try:
-        with capture({"visual": twin.visual_embedding_module}) as scaled:
+        with intervene(twin, [Read(VISUAL)]) as scaled:
             scaled_logits(twin, inputs, 2.0)                  # a full forward, vision tower included
     finally:
         for handle in handles:
             handle.remove()
     assert seen == {"sdpa"}
-    torch.testing.assert_close(twin.adapter.visual_tokens(scaled["visual"], twin.n_visual_tokens), visual,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(scaled[VISUAL], visual, rtol=0, atol=0)
+
+
+def attention_pre_hooks(vlm) -> int:
+    return sum(len(m._forward_pre_hooks) for m in vlm.attention_modules)
 
 
 def test_attention_implementation_is_restored_even_on_error(twin):
     inputs, visual, plain = prepared(twin)
     text, vision = twin.model.config.text_config, twin.model.config.vision_config
-    assert PREFIX + "sdpa" in AttentionInterface()
+    edits = scalingvis_edits(twin, inputs["input_ids"], 2.0)
     with pytest.raises(RuntimeError, match="boom"):
-        with scale_image_attention(twin, inputs, 2.0):
-            assert text._attn_implementation == PREFIX + "sdpa" and vision._attn_implementation == "sdpa"
+        with intervene(twin, edits):
+            assert text._attn_implementation == ATTENTION_PREFIX + "sdpa" and vision._attn_implementation == "sdpa"
+            assert ATTENTION_PREFIX + "sdpa" in AttentionInterface()       # registered on first use
             assert twin.model.config._attn_implementation == "sdpa"
-            assert len(_ACTIVE) == twin.n_layers
+            assert attention_pre_hooks(twin) == twin.n_layers
             raise RuntimeError("boom")
-    assert text._attn_implementation == "sdpa" and vision._attn_implementation == "sdpa" and not _ACTIVE
+    assert text._attn_implementation == "sdpa" and vision._attn_implementation == "sdpa"
+    assert attention_pre_hooks(twin) == 0
     torch.testing.assert_close(twin.last_logits(inputs, visual), plain, rtol=0, atol=0)
-    with scale_image_attention(twin, inputs, 1.0):          # all ones: nothing installed
-        assert text._attn_implementation == "sdpa" and not _ACTIVE
 
 
 def test_bad_arguments_are_refused(twin):
@@ -319,10 +323,65 @@ def test_bad_arguments_are_refused(twin):
         scaled_logits(twin, inputs, 2.0, layers=[twin.n_layers])
     with pytest.raises(ValueError, match="3 coefficients for a batch of 2"):
         scaled_logits(twin, inputs, [1.0, 2.0, 3.0])
-    with pytest.raises(RuntimeError, match="already active"):
-        with scale_image_attention(twin, inputs, 2.0), scale_image_attention(twin, inputs, 2.0):
+    edits = scalingvis_edits(twin, inputs["input_ids"], 2.0)
+    with pytest.raises(RuntimeError, match="already being edited"):
+        with intervene(twin, edits), intervene(twin, edits):
             pass
-    assert not _ACTIVE and twin.model.config.text_config._attn_implementation == "sdpa"
+    assert attention_pre_hooks(twin) == 0 and twin.model.config.text_config._attn_implementation == "sdpa"
+
+
+# --- the last position replayed from a recorded plain forward ------------------------------------------------
+
+REPLAY_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "dual_organism"]
+
+
+def recorded(vlm):
+    """(batch-1 inputs, their visual tokens, their records) of three squares images whose prompts differ in
+    length, so one replay pass pads the shorter records' keys."""
+    setting = Setting.from_config(make_cfg("setting=squares").setting)
+    samples = random_samples(setting, vlm.grid, vlm.layout, 3, seed=5)
+    prompts = [samples[0].prompt, samples[1].prompt + " square", samples[2].prompt]
+    inputs = [vlm.encode([s.image], [p]) for s, p in zip(samples, prompts, strict=True)]
+    visual = [vlm.visual_tokens(i) for i in inputs]
+    return inputs, visual, record(vlm, inputs, visual, batch_size=4)
+
+
+@pytest.mark.parametrize("name", REPLAY_MODELS)
+def test_replayed_last_row_equals_the_full_forward(name):
+    """ScalingVis (every grid coefficient, and per-sample AdaptVis coefficients) and the last-row reweighting
+    replayed over the last position of each recorded plain forward give the full forward's logits to 1e-5."""
+    vlm = load_twin(name)
+    inputs, visual, records = recorded(vlm)
+    assert len({rec.length for rec in records}) > 1
+    plain = torch.cat([vlm.last_logits(i, v) for i, v in zip(inputs, visual, strict=True)])
+    moved = 0.0
+    for coefficients in (0.0, 0.5, 0.8, 1.0, 1.2, 1.5, 2.0, [0.5, 1.5, 2.0]):
+        per = torch.as_tensor(coefficients, dtype=torch.float32).expand(3)
+        replayed = replayed_runs(vlm, scalingvis_rows(vlm, records, coefficients), False).logits
+        full = torch.cat([scaled_logits(vlm, inputs[k], float(per[k]), visual_tokens=visual[k]) for k in range(3)])
+        torch.testing.assert_close(replayed, full, rtol=0, atol=1e-5, msg=lambda m, c=coefficients: f"c={c}: {m}")
+        moved = max(moved, float((full - plain).abs().max()))
+    for coefficient in (0.5, 2.0):
+        replayed = replayed_runs(vlm, reweighting_rows(vlm, records, coefficient), False).logits
+        full = torch.cat([reweighted_logits(vlm, inputs[k], coefficient, visual_tokens=visual[k]) for k in range(3)])
+        torch.testing.assert_close(replayed, full, rtol=0, atol=1e-5)
+    assert moved > 1e-3                                     # the coefficients change the logits
+
+
+def test_replayed_whole_answers_equal_the_full_forward(twin):
+    """Whole-answer scoring continues each replayed row from its own keys and values: equal to the full forward
+    under the same coefficient."""
+    setting = Setting.from_config(make_cfg("setting=squares").setting)
+    scorer = AnswerScorer(twin.tokenizer, [*setting.candidates, "water bottle", "water"])
+    assert not scorer.exact
+    inputs, visual, records = recorded(twin)
+    coefficients = [0.5, 1.5, 2.0]
+    replayed = replayed_probabilities(twin, scorer, scalingvis_rows(twin, records, coefficients), batch_size=2)
+    full = torch.cat([candidate_probabilities(twin, scorer, inputs[k], visual[k],
+                                              scalingvis_edits(twin, inputs[k]["input_ids"], coefficients[k]))[0]
+                      for k in range(3)])
+    torch.testing.assert_close(replayed, full, rtol=0, atol=1e-6)
+    assert bool((full[:, -1] > 0).all())
 
 
 # --- AdaptVis -----------------------------------------------------------------------------------------------

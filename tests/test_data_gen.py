@@ -2,8 +2,6 @@
 boxes, strips, pixel alignment of what is drawn, prompts and answers, determinism, pairs, the render command."""
 
 import json
-import subprocess
-import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -34,7 +32,9 @@ from data_gen.pairs import (
     shape_grid,
 )
 from data_gen.render import draw_scene, glyph_image, random_samples
+from data_gen.render import main as render_main
 from data_gen.settings import DIRECTIONS, PREPOSITIONS, Setting
+from tests.helpers import run_command
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"qwen2vl_7b": (336, 12, 28), "gemma3_4b": (896, 16, 56)}   # image side, tokens per side, px per token
@@ -378,9 +378,9 @@ def test_shape_grids(model):
 
 # --- the render command --------------------------------------------------------------------------------
 
-def render(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_gen.render", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+def render(*args: str):
+    """`python -m data_gen.render ARGS`, in this process."""
+    return run_command(render_main, *args)
 
 
 def test_render_command_writes_images_samples_and_contact_sheet(tmp_path):

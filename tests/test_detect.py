@@ -4,8 +4,6 @@ command and its known box file."""
 
 import json
 import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,11 @@ from data_gen.whatsup import (
     load_composites,
     read_boxes,
     stand_in_boxes,
-    write_stand_in,
+    with_boxes,
 )
 from data_gen.whatsup.__main__ import main
 from data_gen.whatsup.detect import pixel_box
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg, run_command
 
 REPO = Path(__file__).resolve().parent.parent
 PHOTOS = {f"{obj}_{relation}_{ref}.jpeg" for obj, ref in STAND_IN_COMBOS for relation in SIDE_OF_RELATION}
@@ -68,11 +66,6 @@ def tiny_owlv2(tmp_path_factory):
     return build_tiny_owlv2(tmp_path_factory.mktemp("tiny_owlv2"))
 
 
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return write_stand_in(tmp_path_factory.mktemp("whatsup") / "data")
-
-
 def boxes_args(root, out, detector, *more):
     return ["boxes", f"data.whatsup_dir={root}", f"data.whatsup_boxes={out}", f"detector.path={detector}",
             "device=cpu", "detector.batch_size=5", *more]
@@ -80,14 +73,12 @@ def boxes_args(root, out, detector, *more):
 
 def test_boxes_command_runs_end_to_end_writes_a_valid_box_file_and_resumes(tiny_owlv2, stand_in, tmp_path, capsys):
     out = tmp_path / "detected" / "boxes.json"
-    done = subprocess.run([sys.executable, "-m", "data_gen.whatsup",
-                           *boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0")],
-                          cwd=REPO, capture_output=True, text=True)
+    done = run_command(main, *boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.0"))
     assert done.returncode == 0, done.stderr
     n = 2 * len(STAND_IN_COMBOS)                  # each combination's left_of and right_of photo
     assert f"{n} left/right photos, 0 already in {out}, {n} to detect" in done.stdout
     assert f"-> {out} (use data.whatsup_boxes={out})" in done.stdout
-    assert "detecting boxes" in done.stderr                      # tqdm progress
+    assert "detecting boxes" not in done.stderr      # progress bars only on a terminal (common.cli.quiet_output)
     entries = json.loads(out.read_text())
     assert set(entries) == PHOTOS
     width, height = STAND_IN_SIZE
@@ -105,8 +96,8 @@ def test_boxes_command_runs_end_to_end_writes_a_valid_box_file_and_resumes(tiny_
     assert read_boxes(out).keys() == PHOTOS                      # the loader's reader takes the file
     cfg = make_cfg("model=tiny_qwen2vl", "setting=whatsup", f"data.whatsup_dir={stand_in}",
                    f"data.whatsup_boxes={out}", "setting.n_composites=null")
-    with pytest.warns(UserWarning):                              # random boxes: most photos are left out
-        load_composites(cfg)
+    composites = load_composites(cfg)          # random boxes: the composites are the same, most without boxes
+    assert len(composites) == 26 and with_boxes(composites)[1]["with_boxes"] < 26
 
     # resume: nothing left to detect, the file untouched; after dropping three entries only those are redone
     before = out.read_text()
@@ -120,7 +111,8 @@ def test_boxes_command_runs_end_to_end_writes_a_valid_box_file_and_resumes(tiny_
     assert not list(out.parent.glob(".*.tmp"))                   # atomic writes leave no temporary file
 
 
-def test_names_not_found_are_null_reported_and_their_photos_left_out(tiny_owlv2, stand_in, tmp_path, capsys):
+def test_names_not_found_are_null_reported_and_their_composites_dropped_where_boxes_are_needed(
+        tiny_owlv2, stand_in, tmp_path, capsys):
     out = tmp_path / "none.json"
     assert main(boxes_args(stand_in, out, tiny_owlv2, "detector.threshold=0.9")) == 0
     printed = capsys.readouterr().out
@@ -130,8 +122,10 @@ def test_names_not_found_are_null_reported_and_their_photos_left_out(tiny_owlv2,
     assert all(e["object"] is None and e["reference"] is None for e in entries.values())
     cfg = make_cfg("model=tiny_qwen2vl", "setting=whatsup", f"data.whatsup_dir={stand_in}",
                    f"data.whatsup_boxes={out}", "setting.n_composites=null")
-    with pytest.warns(UserWarning, match=f"{2 * len(STAND_IN_COMBOS)} What'sUp photos left out, a needed box is null"):
-        assert load_composites(cfg) == []
+    composites = load_composites(cfg)          # the same composites; none has boxes, each counted as not found
+    assert len(composites) == 26 and {c.box_issue for c in composites} == {"not found"}
+    assert with_boxes(composites) == ([], {"n": 26, "with_boxes": 0, "dropped_box_not_found": 26,
+                                           "dropped_box_outside": 0})
 
 
 @pytest.mark.parametrize("override,needle", [

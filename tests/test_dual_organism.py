@@ -19,7 +19,7 @@ from organisms.train import Trainee, phases, train
 from patching.ablation import Ablator
 from patching.experiments import ablation, last_token, mirror_patching
 from probing.run import probes
-from tests.conftest import make_cfg, reproduced_card
+from tests.helpers import make_cfg, reproduced_card
 from vlm.adapters import ADAPTERS
 from vlm.models import VLM, load_model
 from vlm.twins import build_parts, initialise_zero_weights

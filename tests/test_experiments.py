@@ -1,14 +1,13 @@
 """The patching experiments on the twins: properties any correct experiment must have, the CLI's bad input,
 and the figures redrawn from saved results."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import runner
 from common.geometry import line_boxes, token_indices
 from common.results import load_unit, unit_dir
 from data_gen.pairs import empty_image, isolated_middle_image, mirror_pairs
@@ -17,9 +16,9 @@ from data_gen.settings import Setting
 from patching.ablation import Ablator
 from patching.engine import PatchingEngine
 from patching.experiments import ablation, last_token, mirror_patching, mirror_plan
-from patching.interventions import VISUAL
 from runner import run_unit
-from tests.conftest import make_cfg
+from tests.helpers import make_cfg, run_plot
+from vlm.interventions import VISUAL
 from vlm.scoring import AnswerScorer, score_samples
 
 REPO = Path(__file__).resolve().parent.parent
@@ -118,9 +117,7 @@ def test_strip_patching_runs_end_to_end_and_redraws(tmp_path, twin):
     assert record["metrics"]["sites"] == ["visual", *map(str, range(twin.n_layers))]
     assert arrays["p_swapped"].shape == (2, twin.n_layers + 1)
     out = tmp_path / "figure"
-    done = subprocess.run([sys.executable, "figures/fig07_strip_patching/plot.py", "--results", str(tmp_path),
-                           "--out", str(out)], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert run_plot("fig07_strip_patching", "--results", str(tmp_path), "--out", str(out)) == 0
     assert (out / "strip_patching.png").stat().st_size > 0 and (out / "summary.md").exists()
 
 
@@ -136,17 +133,16 @@ def test_ablated_patching_has_layer_sites_only(twin):
     (["experiment=no_such_experiment"], "no_such_experiment"),
     (["experiment=ablation", "setting=whatsup"], "does not run on setting"),
     (["experiment=last_token", "setting=whatsup"], "data.whatsup_dir is not set"),
-    (["experiment=object_patching", "n_pairs=1", "region=diagonal"], "diagonal"),
+    (["experiment=object_patching", "n_pairs=1", "region=strips"], "unknown key 'region'"),   # the function decides
 ])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle):
-    done = subprocess.run([sys.executable, "-m", "runner", "model=tiny_qwen2vl", "device=cpu",
-                           f"results_dir={tmp_path}", *args], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2, done.stderr
-    assert needle in done.stderr and "Traceback" not in done.stderr
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, needle, capsys):
+    code = runner.main(["model=tiny_qwen2vl", "device=cpu", f"results_dir={tmp_path}", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err and err.count("\n") == 1
     assert not any(tmp_path.iterdir())
 
 
-def test_plot_without_results_is_an_error(tmp_path):
-    done = subprocess.run([sys.executable, "figures/fig02_last_token/plot.py", "--results", str(tmp_path),
-                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2 and "no last_token results" in done.stderr
+def test_plot_without_results_is_an_error(tmp_path, capsys):
+    code = run_plot("fig02_last_token", "--results", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert code == 2 and "no last_token results" in capsys.readouterr().err

@@ -8,8 +8,8 @@ from PIL import Image
 from common.geometry import pixel_box
 from data_gen.render import random_samples
 from data_gen.settings import DIRECTIONS, Setting
-from tests.conftest import make_cfg
-from vlm.hooks import Hook, capture, hooks
+from tests.helpers import make_cfg
+from vlm.interventions import VISUAL, Apply, Read, intervene, layer_site
 from vlm.scoring import AnswerScorer
 
 
@@ -45,21 +45,21 @@ def test_processed_pixels_keep_the_block_where_the_token_order_says(twin, row, c
 def test_hook_captures_equal_hidden_states(twin):
     sample = random_samples(Setting.from_config(make_cfg("setting=squares").setting), twin.grid, twin.layout, 2, 0)
     inputs = twin.encode([s.image for s in sample], [s.prompt for s in sample])
-    layers = {f"layer{i}": layer for i, layer in enumerate(twin.decoder_layers)}
-    with capture({"visual": twin.visual_embedding_module, **layers}) as cache, torch.no_grad():
+    sites = [VISUAL, *(layer_site(i) for i in range(twin.n_layers))]
+    with intervene(twin, [Read(site) for site in sites]) as cache, torch.no_grad():
         out = twin.model(**inputs, output_hidden_states=True)
     # hidden_states[0] is the embedding output; [i + 1] the output of layer i (the last one after the norm)
     for i in range(twin.n_layers - 1):
-        torch.testing.assert_close(cache[f"layer{i}"], out.hidden_states[i + 1], rtol=0, atol=0)
+        torch.testing.assert_close(cache[layer_site(i)], out.hidden_states[i + 1], rtol=0, atol=0)
     final_norm = twin.adapter.language_model(twin.model).norm
-    torch.testing.assert_close(final_norm(cache[f"layer{twin.n_layers - 1}"]), out.hidden_states[-1])
+    torch.testing.assert_close(final_norm(cache[layer_site(twin.n_layers - 1)]), out.hidden_states[-1])
     # the visual module's output is what get_image_features hands the LM
     with torch.no_grad():
         kwargs = {"image_grid_thw": inputs["image_grid_thw"]} if "image_grid_thw" in inputs else {}
         features = twin.model.model.get_image_features(pixel_values=inputs["pixel_values"], **kwargs)
     features = getattr(features, "pooler_output", features)
     features = torch.cat(list(features)) if isinstance(features, (tuple, list)) else features
-    torch.testing.assert_close(cache["visual"].reshape(-1, cache["visual"].shape[-1]),
+    torch.testing.assert_close(cache[VISUAL].reshape(-1, cache[VISUAL].shape[-1]),
                                features.reshape(-1, features.shape[-1]))
 
 
@@ -72,7 +72,8 @@ def test_hooks_are_removed_on_error(twin):
     white = Image.new("RGB", (twin.grid.width, twin.grid.height), "white")
     inputs = twin.encode([white], ["The object above the key is"])
     before = dict(layer._forward_hooks)     # transformers keeps an output-capturing hook of its own here
-    with pytest.raises(RuntimeError, match="boom"), hooks(Hook(layer, boom)):
+    with pytest.raises(RuntimeError, match="boom"), intervene(twin, [Apply(layer_site(0), boom)]):
+        assert len(layer._forward_hooks) == len(before) + 1
         twin.last_logits(inputs)
     assert dict(layer._forward_hooks) == before
     twin.last_logits(inputs)
@@ -125,8 +126,11 @@ def test_scoring_picks_forced_candidate(twin):
     def force(logits):
         return forced.to(logits.dtype).expand_as(logits).clone()
 
-    with hooks(Hook(twin.model.lm_head, force)):
+    handle = twin.model.lm_head.register_forward_hook(lambda _m, _a, output: force(output))
+    try:
         logits = twin.last_logits(inputs)
+    finally:
+        handle.remove()
     probs = scorer.probabilities(logits)
     assert probs.argmax(-1).tolist() == [2]
     torch.testing.assert_close(probs[0], torch.tensor([0.0, 0.4, 0.6]), atol=1e-4, rtol=0)

@@ -16,8 +16,8 @@ from data_gen.settings import DIRECTIONS_OF, Setting
 from organisms.data import question_splits
 from organisms.train import train
 from patching.experiments import ablation, last_token, mirror_patching
-from patching.interventions import edit_visual_tokens
-from tests.conftest import TWINS, load_twin, make_cfg, reproduced_card
+from tests.helpers import TWINS, load_twin, make_cfg, reproduced_card
+from vlm.interventions import VISUAL, Apply
 from vlm.models import load_model
 from vlm.scoring import AnswerScorer
 
@@ -125,8 +125,10 @@ def test_the_organism_reads_order_from_token_positions(organism):
         return torch.stack(flipped).reshape(tokens.shape)
 
     def answers(edit=None):
-        with torch.no_grad(), edit_visual_tokens(organism, edit or (lambda tokens: None)):
-            return [scorer.candidates[i] for i in scorer.probabilities(organism.last_logits(inputs)).argmax(-1).tolist()]
+        edits = [Apply(VISUAL, edit)] if edit else []
+        with torch.no_grad():
+            logits = organism.last_logits(inputs, interventions=edits)
+        return [scorer.candidates[i] for i in scorer.probabilities(logits).argmax(-1).tolist()]
 
     assert np.mean([a == p.clean_answer for a, p in zip(answers(), pairs, strict=True)]) >= 0.9
     assert np.mean([a == p.swapped_answer for a, p in zip(answers(mirrored), pairs, strict=True)]) >= 0.9

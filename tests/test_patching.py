@@ -1,8 +1,6 @@
 """The patching engine on both twins: identities that any correct patching must satisfy, and equality
 with the naive one-forward-per-site loop."""
 
-from functools import partial
-
 import pytest
 import torch
 
@@ -10,24 +8,25 @@ from common.geometry import token_indices
 from data_gen.pairs import last_token_pairs, mirror_pairs
 from data_gen.settings import Setting
 from patching.ablation import Ablator
-from patching.engine import PairInput, PatchingEngine, PatchPlan, naive_patch, naive_sweep
+from patching.engine import PairInput, PatchingEngine, PatchPlan, naive_patch, naive_sweep, site_name
 from patching.experiments import mirror_plan, prompt_end_offset
-from patching.interventions import VISUAL, edit_residual, read_sites, site_names
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg
+from vlm.interventions import VISUAL, Read, Set, intervene, layer_site
 from vlm.replay import record
-from vlm.scoring import AnswerScorer, candidate_probabilities
+from vlm.scoring import AnswerScorer
 
 
 def squares(_twin):
     return Setting.from_config(make_cfg("setting=squares").setting)
 
 
-ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism"]
+ENGINE_MODELS = ["tiny_qwen2vl", "tiny_gemma3", "organism", "tiny_qwen2_5vl", "tiny_llava", "tiny_internvl3",
+                 "tiny_qwen3vl"]
 
 
 @pytest.fixture(params=ENGINE_MODELS, scope="module")
 def model(request):
-    """Both twins and the organism (trained, so patching moves its answers)."""
+    """Every family's twin and the organism (trained, so patching moves its answers)."""
     return load_twin(request.param)
 
 
@@ -55,27 +54,20 @@ def sweep_cases(vlm, setting):
 
 
 def naive_reference(vlm, scorer, case):
+    """One full forward per site (ablated pairs: over their given visual embeddings, vision tower skipped)."""
     _, inputs, sites = case
-    out = []
-    for pair in inputs:
-        if pair.clean_visual is None:
-            out.append(naive_sweep(vlm, scorer, pair.clean, pair.counterfactual, pair.plan, sites))
-            continue
-        # ablated inputs: the naive loop over the given visual embeddings (vision tower skipped in every run)
-        clean_in = vlm.encode([pair.clean.image], [pair.clean.prompt])
-        cf_in = vlm.encode([pair.counterfactual.image], [pair.counterfactual.prompt])
-        dst, src = pair.plan.positions(vlm, clean_in["input_ids"], cf_in["input_ids"])
-        with read_sites(vlm, sites) as acts:
-            vlm.last_logits(cf_in, visual_tokens=pair.cf_visual)
-        rows = []
-        for site in sites:
-            context = partial(naive_patch, vlm, pair.plan, site, acts[site], dst, src)
-            rows.append(candidate_probabilities(vlm, scorer, clean_in, pair.clean_visual, during=context)[0])
-        out.append(torch.cat(rows))
-    return out
+    return [naive_sweep(vlm, scorer, pair.clean, pair.counterfactual, pair.plan, sites, pair.clean_visual,
+                        pair.cf_visual) for pair in inputs]
 
 
-def test_engine_equals_naive_loop_on_every_sweep(model):
+def read_counterfactual(vlm, inputs, names):
+    """{site: tensor} of the counterfactual run `inputs` at intervention sites `names` ("visual" included)."""
+    with intervene(vlm, [Read(name) for name in names]) as acts:
+        vlm.last_logits(inputs)
+    return acts
+
+
+def test_engine_equals_naive_loop_on_every_sweep(model, request):
     """Every site of every kind of sweep, several pairs per pass and passes split small (batch_size=2), equal to
     one full forward per site to 1e-5 in float32."""
     setting = squares(model)
@@ -103,15 +95,15 @@ class LogitEngine(PatchingEngine):
         return super().candidates(runs)
 
 
-def test_engine_logits_equal_naive_logits(model):
+def test_engine_logits_equal_naive_logits(model, request):
     """The same equality on the next-token logits themselves (on the twins' real vocabularies a candidate's
     probability is tiny, so logits say more): every layer, last token and strips."""
     setting = squares(model)
     scorer = AnswerScorer(model.tokenizer, setting.candidates)
     last = last_token_pairs(setting, model.grid, model.layout, 1, 3)[0]
     mirror = mirror_pairs(setting, model.grid, model.layout, 1, 0)[0]
-    for pair, plan, sites in ((last, PatchPlan(), site_names(model)[1:]),
-                              (mirror, mirror_plan(model.grid, mirror, "strips"), site_names(model))):
+    for pair, plan, sites in ((last, PatchPlan(), list(range(model.n_layers))),
+                              (mirror, mirror_plan(model.grid, mirror, "strips"), [VISUAL, *range(model.n_layers)])):
         engine = LogitEngine(model, scorer, batch_size=2)
         engine.logits = []
         engine.run_pair(pair.clean, pair.counterfactual, plan, sites)
@@ -119,12 +111,11 @@ def test_engine_logits_equal_naive_logits(model):
         clean_in = model.encode([pair.clean.image], [pair.clean.prompt])
         cf_in = model.encode([pair.counterfactual.image], [pair.counterfactual.prompt])
         dst, src = plan.positions(model, clean_in["input_ids"], cf_in["input_ids"])
-        with read_sites(model, sites) as acts:
-            cf_logits = model.last_logits(cf_in)
-        reference = []
-        for site in sites:
-            with naive_patch(model, plan, site, acts[site], dst, src):
-                reference.append(model.last_logits(clean_in))
+        names = [site_name(site) for site in sites]
+        acts = read_counterfactual(model, cf_in, names)
+        cf_logits = model.last_logits(cf_in)
+        reference = [model.last_logits(clean_in, interventions=[naive_patch(plan, name, acts[name], dst, src)])
+                     for name in names]
         torch.testing.assert_close(patched, torch.cat(reference), rtol=1e-5, atol=5e-5)
         torch.testing.assert_close(engine.logits[0], torch.cat([model.last_logits(clean_in), cf_logits]),
                                    rtol=1e-5, atol=5e-5)
@@ -186,13 +177,14 @@ def test_patched_runs_continue_from_their_own_cache(twin):
     longer = append_tokens(clean_in, tokens)
     steps = tokens.shape[1]
     clean_full = full_logits(twin, longer, steps)
-    with read_sites(twin, sites) as acts:
+    names = [site_name(site) for site in sites]
+    with intervene(twin, [Read(name) for name in names]) as acts:
         cf_full = full_logits(twin, append_tokens(cf_in, tokens), steps)
     for run, full in ((0, clean_full), (1, cf_full)):
         torch.testing.assert_close(unpatched[run], full[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(unpatched_steps[run], full[1:], rtol=1e-4, atol=1e-4)
-    for row, site in enumerate(sites):
-        with naive_patch(twin, plan, site, acts[site], dst, src):
+    for row, name in enumerate(names):
+        with intervene(twin, [naive_patch(plan, name, acts[name], dst, src)]):
             full = full_logits(twin, longer, steps)
         torch.testing.assert_close(patched[row], full[0], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(patched_steps[row], full[1:], rtol=1e-4, atol=1e-4)
@@ -239,7 +231,7 @@ def test_patching_a_run_with_itself_changes_nothing(twin):
     reference = scorer.probabilities(twin.last_logits(clean_in))
     everything = list(range(twin.n_visual_tokens))
     engine = PatchingEngine(twin, scorer)
-    run = engine.run_pair(pair.clean, pair.clean, PatchPlan(everything, everything), site_names(twin))
+    run = engine.run_pair(pair.clean, pair.clean, PatchPlan(everything, everything), [VISUAL, *range(twin.n_layers)])
     torch.testing.assert_close(run.patched, reference.expand_as(run.patched), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run.clean, reference[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run.counterfactual, reference[0], rtol=1e-5, atol=1e-6)
@@ -251,10 +243,9 @@ def test_patching_every_position_of_layer0_gives_the_counterfactual(twin):
     clean_in = twin.encode([pair.clean.image], [pair.clean.prompt])
     cf_in = twin.encode([pair.counterfactual.image], [pair.counterfactual.prompt])
     assert clean_in["input_ids"].shape == cf_in["input_ids"].shape
-    with read_sites(twin, [0]) as cf_acts:
-        cf_logits = twin.last_logits(cf_in)
-    with edit_residual(twin, 0, lambda hidden: cf_acts[0].clone()):
-        patched = twin.last_logits(clean_in)
+    cf_acts = read_counterfactual(twin, cf_in, [layer_site(0)])
+    cf_logits = twin.last_logits(cf_in)
+    patched = twin.last_logits(clean_in, interventions=[Set(layer_site(0), cf_acts[layer_site(0)])])
     torch.testing.assert_close(patched, cf_logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(twin.last_logits(clean_in), cf_logits, atol=1e-4)
 

@@ -1,8 +1,6 @@
 """Probes: planted directions are recovered and their strips show in the heat maps; the whole path on both
 twins; the embedding cache equals VLM.visual_tokens; saved probes load back; bad input is one clear error."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+import runner
 from common.geometry import Grid, Layout, grid_boxes, line_boxes, strip_box, token_indices
 from common.results import load_unit, save_unit, unit_dir
 from data_gen.settings import Setting
@@ -18,7 +17,7 @@ from probing.heatmaps import heat_map, nearest_item_labels, strip_agreement, tok
 from probing.plots import draw_figure
 from probing.probes import fit_probe, item_examples, load_probe
 from runner import run_unit
-from tests.conftest import make_cfg
+from tests.helpers import load_twin, make_cfg, run_command, run_plot
 
 REPO = Path(__file__).resolve().parent.parent
 QWEN_GRID, QWEN_LAYOUT = Grid(12, 12, 28), Layout(2, 2, 4)
@@ -178,8 +177,6 @@ def test_probes_run_on_twins_resume_and_refit_without_model(twin, tmp_path, monk
 
 
 def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
-    from tests.conftest import load_twin
-
     twin = load_twin("tiny_qwen2vl")
     monkeypatch.setattr("vlm.models.load_model", lambda cfg: twin)
     cfg = make_cfg("model=tiny_qwen2vl", "experiment=grid_probes", "n_train=3", "n_test=2",
@@ -208,10 +205,8 @@ def test_grid_probes_on_a_twin(tmp_path, monkeypatch):
     (["experiment=grid_probes", "grid_sizes=[7]"], "7 x 7"),
 ])
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, args, needle):
-    proc = subprocess.run([sys.executable, "-m", "runner", "experiment=probes", "model=tiny_qwen2vl", "setting=squares",
-                           "device=cpu", *args, f"results_dir={tmp_path / 'results'}",
-                           f"embeddings_dir={tmp_path / 'emb'}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_command(runner.main, "experiment=probes", "model=tiny_qwen2vl", "setting=squares", "device=cpu", *args,
+                       f"results_dir={tmp_path / 'results'}", f"embeddings_dir={tmp_path / 'emb'}")
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
     assert not (tmp_path / "results").exists() and not (tmp_path / "emb").exists()
@@ -219,8 +214,8 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, args, needle)
 
 @pytest.mark.parametrize("figure", ["fig04_probes", "fig31_grid_probes"])
 def test_plot_without_results_is_one_clear_error(tmp_path, figure):
-    proc = subprocess.run([sys.executable, f"figures/{figure}/plot.py", "--results", str(tmp_path / "none"),
-                           "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = run_command(lambda argv: run_plot(figure, *argv), "--results", str(tmp_path / "none"),
+                       "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and proc.stderr.strip().count("\n") == 0
     assert not (tmp_path / "out").exists()
 

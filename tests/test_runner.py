@@ -1,7 +1,10 @@
-"""The one runner: every experiment config composes and runs on the organism at tiny sizes, figures and sweeps
-name each other, multiruns (basic and submitit_local launchers) write one unit per job and never share one,
-and a wrong experiment, model, setting or launcher is one line naming what is allowed."""
+"""The one runner: every experiment config composes and runs on the organism at tiny sizes, names its own
+function, figures and sweeps name each other, multiruns (basic and submitit_local launchers) write one unit per
+job and never share one, and a wrong experiment, model, setting or launcher is one line naming what is allowed.
+Commands run in-process (`runner.main(argv)`) except where a separate process is the point (submitit, a figure
+script)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -10,11 +13,11 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+import runner as runner_module
 from common.cli import CONFIG_DIR, group_choices
 from common.results import find_units, load_unit, unit_dir
-from data_gen.whatsup import write_stand_in
 from runner import experiment_function, run_unit
-from tests.conftest import make_cfg
+from tests.helpers import load_twin, make_cfg
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = group_choices("experiment")
@@ -35,11 +38,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def stand_in(tmp_path_factory):
-    return write_stand_in(tmp_path_factory.mktemp("whatsup"))
-
-
 def test_every_experiment_has_tiny_sizes_here():
     assert set(TINY) == set(EXPERIMENTS)
 
@@ -47,10 +45,12 @@ def test_every_experiment_has_tiny_sizes_here():
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_config_runs_on_the_organism(experiment, tmp_path, stand_in):
     cfg = make_cfg("model=organism", f"experiment={experiment}", f"results_dir={tmp_path}",
-                   f"++embeddings_dir={tmp_path / 'emb'}", f"data.whatsup_dir={stand_in}",
+                   f"data.whatsup_dir={stand_in}",
                    *(a.format(boxes=f"data.whatsup_boxes={stand_in / 'boxes.json'}") for a in TINY[experiment]))
+    if "embeddings_dir" in cfg:
+        cfg.embeddings_dir = str(tmp_path / "emb")
     assert cfg.experiment.name == experiment and callable(experiment_function(cfg))
-    out = run_unit(cfg)
+    out = run_unit(cfg, lambda: load_twin("organism"))
     assert out == unit_dir(cfg) == tmp_path / experiment / "organism" / cfg.setting.name
     record, _ = load_unit(out)
     assert record["config"]["experiment"]["name"] == experiment and record["metrics"]
@@ -58,8 +58,12 @@ def test_every_experiment_config_runs_on_the_organism(experiment, tmp_path, stan
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_an_experiments_figure_has_a_plot_and_a_sweep_that_runs_it(experiment):
-    figure = make_cfg(f"experiment={experiment}").experiment.figure
+def test_an_experiment_names_its_own_function_and_its_figure_has_a_plot_and_a_sweep(experiment):
+    raw = OmegaConf.load(Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml")
+    assert raw.experiment.run == make_cfg(f"experiment={experiment}").experiment.run    # not inherited
+    assert raw.experiment.run.rpartition(".")[2] in (experiment, "probes", "ablation", "benchmark", "accuracy",
+                                                      "amplification")
+    figure = raw.experiment.figure
     if figure is None:
         return
     assert (REPO / "figures" / figure / "plot.py").is_file() and (REPO / "scripts" / f"{figure}.sh").is_file()
@@ -74,26 +78,56 @@ def test_every_sweep_is_a_multirun_over_models_and_settings():
         assert (REPO / "figures" / name / "plot.py").is_file(), name
 
 
+def test_the_figure_order_is_written_once():
+    """configs/sweep/paper.yaml is the only list of the figures: runner.paper and the demo read it."""
+    from runner.paper import figure_list
+
+    sweeps = [entry["sweep"] for entry in figure_list()]
+    assert set(sweeps) == set(group_choices("sweep")) and "paper" not in group_choices("sweep")
+    demo = (REPO / "scripts" / "demo.sh").read_text()
+    assert "runner.paper" in demo
+    assert [name for name in set(sweeps) if name in demo] == ["table2_ablation"]     # only its size: n=96
+    code = ast.parse((REPO / "runner" / "paper.py").read_text())
+    strings = [node.value for node in ast.walk(code) if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+    assert not [text for text in strings[1:] if any(name in text for name in sweeps)]    # past its docstring
+
+
+@pytest.fixture
+def cached_organism(monkeypatch):
+    load_twin("organism")                # outside Hydra's job, which cannot compose another config
+    monkeypatch.setattr(runner_module, "load_model", lambda cfg: load_twin(cfg.model.name))
+
+
 def runner(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "runner", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("launcher", ["basic", "submitit_local"])
-def test_a_multirun_over_two_settings_writes_two_units(tmp_path, launcher):
+def test_a_multirun_over_two_settings_writes_two_units(tmp_path, cached_organism, capsys):
+    code = runner_module.main(["-m", "experiment=last_token", "model=organism", "setting=squares,shapes",
+                               "n_pairs=2", "layers=[3]", "device=cpu", f"results_dir={tmp_path / 'results'}",
+                               f"cache_dir={tmp_path / 'cache'}"])
+    assert code == 0 and "multirun: 2 jobs: 2 done" in capsys.readouterr().out
+    units = sorted(p.relative_to(tmp_path / "results") for p in (tmp_path / "results").rglob("metrics.json"))
+    assert units == [Path("last_token/organism/shapes/metrics.json"), Path("last_token/organism/squares/metrics.json")]
+
+
+@pytest.mark.slow
+def test_a_multirun_on_submitit_jobs_in_other_processes_writes_two_units_and_sums_up(tmp_path):
     done = runner("-m", "experiment=last_token", "model=organism", "setting=squares,shapes", "n_pairs=2",
                   "layers=[3]", "device=cpu", f"results_dir={tmp_path / 'results'}", f"cache_dir={tmp_path / 'cache'}",
-                  f"hydra/launcher={launcher}")
+                  "hydra/launcher=submitit_local")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "multirun: 2 jobs: 2 done, 0 skipped, 0 refused, 0 failed" in done.stdout
     units = sorted(p.relative_to(tmp_path / "results") for p in (tmp_path / "results").rglob("metrics.json"))
     assert units == [Path("last_token/organism/shapes/metrics.json"), Path("last_token/organism/squares/metrics.json")]
     assert not list(REPO.glob("multirun")) and not (REPO / "outputs").exists()   # Hydra's dirs stay in the cache
 
 
-def test_a_multirun_sweeping_another_key_gives_each_job_its_own_unit(tmp_path):
-    done = runner("-m", "experiment=last_token", "model=organism", "setting=squares", "n_pairs=1",
-                  "layers=[0],[3]", "device=cpu", f"results_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}")
-    assert done.returncode == 0, done.stderr[-2000:]
+def test_a_multirun_sweeping_another_key_gives_each_job_its_own_unit(tmp_path, cached_organism):
+    assert runner_module.main(["-m", "experiment=last_token", "model=organism", "setting=squares", "n_pairs=1",
+                               "layers=[0],[3]", "device=cpu", f"results_dir={tmp_path}",
+                               f"cache_dir={tmp_path / 'cache'}"]) == 0
     units = sorted(p.parent.name for p in tmp_path.rglob("metrics.json") if "cache" not in p.parts)
     assert units == ["layers=[0]", "layers=[3]"]
     for unit in units:
@@ -109,11 +143,10 @@ def test_a_multirun_sweeping_another_key_gives_each_job_its_own_unit(tmp_path):
     (["-m", "hydra/launcher=no_such"], "unknown launcher 'no_such'; allowed:"),
     (["sweep=no_such"], "unknown sweep 'no_such'; allowed: fig02_last_token"),
 ])
-def test_an_unknown_choice_is_one_line_naming_what_is_allowed(tmp_path, args, needle):
-    done = runner(*args, "device=cpu", f"results_dir={tmp_path / 'results'}", timeout=120)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], done.stderr
+def test_an_unknown_choice_is_one_line_naming_what_is_allowed(tmp_path, args, needle, capsys):
+    assert runner_module.main([*args, "device=cpu", f"results_dir={tmp_path / 'results'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
     assert not (tmp_path / "results").exists()
 
 
@@ -126,3 +159,12 @@ def test_a_figure_script_runs_its_sweep_and_draws(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "results/last_token/organism/squares/metrics.json").is_file()
     assert (tmp_path / "fig/last_token.png").is_file() and (tmp_path / "fig/summary.md").is_file()
+
+
+def test_the_command_line_exits_with_the_code(tmp_path, monkeypatch, capsys):
+    """`python -m runner` (main() reading sys.argv) exits with the code that main(argv) returns in-process."""
+    monkeypatch.setattr(sys, "argv", ["runner", "experiment=accuracy", "model=organism", "n=0", "device=cpu",
+                                      f"results_dir={tmp_path}"])
+    with pytest.raises(SystemExit) as done:
+        runner_module.main()
+    assert done.value.code == 2 and capsys.readouterr().err.strip() == "error: n=0: expected an integer >= 1"

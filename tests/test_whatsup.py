@@ -4,8 +4,6 @@ the object as another block on its side, with the blocks' known boxes in boxes.j
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 from common.errors import UsageError
 from common.geometry import Grid, token_indices
 from common.results import load_unit
+from data_gen.samples import setting_mirror_pairs
 from data_gen.settings import Setting
 from data_gen.whatsup import (
     STAND_IN_COLORS,
@@ -26,18 +25,23 @@ from data_gen.whatsup import (
     covering_token_box,
     load_composites,
     load_splits,
+    load_whatsup,
     mirrored_sample,
     pair_photos,
     read_photos,
     require_boxes,
     split_composites,
+    split_sizes,
     stand_in_boxes,
     whatsup_last_token_pairs,
     whatsup_mirror_pairs,
+    with_boxes,
     write_stand_in,
 )
+from data_gen.whatsup.stand_in import CONTROLLED_A_COMBOS, setting_colors
+from patching.experiments import mirror_plan
 from runner import run_unit
-from tests.conftest import load_twin, make_cfg
+from tests.helpers import load_twin, make_cfg, run_plot, stand_in_dir, whatsup_cfg, without_photos
 from vlm.scoring import AnswerScorer, candidate_probabilities
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,31 +50,17 @@ COMBOS = list(STAND_IN_COMBOS)
 OBJECT_BOX, REFERENCE_BOX = STAND_IN_OBJECT_BOX, STAND_IN_REFERENCE_BOX
 
 # every object-reference combination of the real Controlled-A (controlled_images_dataset.json), by reference
-REAL_COMBOS = {
-    "armchair": "apple beer-bottle book bottle bowl bread can cap cup glass glasses glove headphones laptop mug "
-                "notepad orange pan phone pillow plate remote rose scarf soda-can sunglasses tape water-bottle "
-                "wineglass yarn banjo",
-    "chair": "ball-of-yarn banana beer-bottle blanket book bottle bottle-of-mustard bottle-of-orange-juice bowl box "
-             "can cap cup dragonfruit hat headphones helmet kettle knife lamp laptop lemon microphone mug "
-             "orange oven-mitt painting pan photograph pillow plant plate pot remote scarf scissors shoes "
-             "spatula sunglasses toilet-roll toy-cactus vase water-bottle water-filter wineglass",
-    "table": "ball-of-yarn banana book bottle bowl cap cup dog dragonfruit helmet kettle knife lamp lemon mug "
-             "orange painting phone pillow plant plate scarf scissors spatula sunglasses toilet-roll wineglass",
-}
-
-
 def write_dataset(root, combos=COMBOS, images=True, seed=0):
     return write_stand_in(root, combos, images, seed)
 
 
 def cfg_for(root, model="tiny_qwen2vl", *overrides):
-    return make_cfg(f"model={model}", "setting=whatsup", f"data.whatsup_dir={root}", "setting.n_composites=null",
-                    *overrides)
+    return whatsup_cfg(root, model, *overrides)
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("whatsup"))
+    return stand_in_dir(tmp_path_factory)
 
 
 def expected_pairs(combos):
@@ -91,12 +81,14 @@ def test_pairs_share_the_reference_and_hold_one_object_each_side(dataset):
 
 
 def test_real_controlled_a_gives_3612_composites_and_every_name_is_an_item(tmp_path):
-    combos = [(obj, ref) for ref, objs in REAL_COMBOS.items() for obj in objs.split()]
+    combos = list(CONTROLLED_A_COMBOS)
     assert len(combos) == 103
     root = write_dataset(tmp_path, combos, images=False)    # pairing reads names only
     assert len(pair_photos(read_photos(root))) == 31 * 30 + 45 * 44 + 27 * 26 == 3612
     composites = load_composites(cfg_for(root, "tiny_qwen2vl", "setting.n_composites=1074"))
     assert len(composites) == 1074 and len({c.id for c in composites}) == 1074
+    colors = setting_colors(make_cfg("setting=whatsup").setting["items"])
+    assert {name for combo in combos for name in combo} <= set(colors)   # the full-size stand-in colors them all
 
 
 def color_mask(image: Image.Image, color, tolerance=60) -> np.ndarray:
@@ -191,12 +183,21 @@ def test_samples_prompt_about_the_reference_and_answer_the_queried_side(dataset)
     setting = Setting.from_config(cfg.setting)
     composite = next(c for c in load_composites(cfg) if c.id == "bottle-of-mustard_table_mug")
     left, right = composite_samples(composite, setting)
-    assert (left.direction, left.answer) == ("left", "mustard")       # answer override in whatsup.yaml
+    assert (left.direction, left.answer) == ("left", "bottle of mustard")       # the dataset's own name
     assert (right.direction, right.answer) == ("right", "mug")
     assert left.prompt == "The object on the floor to the left of the table is"
     assert right.prompt == "The object on the floor to the right of the table is"
     assert left.setting == "whatsup" and left.orientation == "horizontal" and left.image is right.image
-    assert [i.answer for i in left.items] == ["mustard", "table", "mug"]
+    assert [i.answer for i in left.items] == ["bottle of mustard", "table", "mug"]
+
+
+def test_every_answer_is_the_photos_object_name():
+    """configs/setting/whatsup.yaml: each item's answer is its name (the file-name stem with spaces), never a
+    word chosen to dodge a tokenizer; every name of the real Controlled-A is an item."""
+    setting = Setting.from_config(make_cfg("setting=whatsup").setting)
+    assert all(item.answer == item.name for item in setting.items)
+    names = {name.replace("-", " ") for combo in CONTROLLED_A_COMBOS for name in combo}
+    assert names == set(setting.item_names)
 
 
 def test_same_seed_same_composites_other_seed_other_draw(dataset):
@@ -216,6 +217,26 @@ def test_missing_directory_names_the_path_and_where_to_get_the_data(tmp_path):
         load_composites(make_cfg("model=tiny_qwen2vl", "setting=whatsup"))
 
 
+def test_a_photo_the_annotation_names_but_the_directory_lacks_is_refused_in_one_line(dataset, tmp_path):
+    root = without_photos(dataset, tmp_path / "w", [])
+    (root / "controlled_images" / "cap_right_of_chair.jpeg").unlink()
+    with pytest.raises(UsageError) as err:
+        load_composites(cfg_for(root))
+    message = str(err.value)
+    assert "\n" not in message and "cap_right_of_chair.jpeg is missing" in message
+    assert "controlled_images_dataset.json" in message
+
+
+def test_a_box_file_made_for_other_photos_is_refused_in_one_line(dataset, tmp_path):
+    other = tmp_path / "other_boxes.json"
+    other.write_text(json.dumps(stand_in_boxes([("mug", "armchair"), ("cap", "armchair")])))
+    with pytest.raises(UsageError) as err:
+        load_composites(cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={other}"))
+    message = str(err.value)
+    assert "\n" not in message and "has no entry for 16 of the 16 left/right photos" in message
+    assert "made for other photos" in message and "python -m data_gen.whatsup boxes" in message
+
+
 def test_splits_are_disjoint_by_composite_and_deterministic(dataset):
     cfg = cfg_for(dataset)
     composites = load_composites(cfg)
@@ -230,20 +251,47 @@ def test_splits_are_disjoint_by_composite_and_deterministic(dataset):
         split_composites(composites, {"train": 0.5, "test": 0.6}, 0)
 
 
-def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path):
+@pytest.mark.parametrize("n", [1, 2, 7, 10, 26, 1074, 3612])
+@pytest.mark.parametrize("fractions", [{"train": 0.6, "val": 0.1, "test": 0.3}, {"a": 0.25, "b": 0.25, "c": 0.5},
+                                       {"train": 1 / 3, "val": 1 / 3, "test": 1 / 3}])
+def test_split_sizes_are_the_sizes_the_splitter_cuts(n, fractions):
+    """split_sizes (what the dry run counts with) against the splitter itself, on n stand-ins for composites."""
+    splits = split_composites(list(range(n)), fractions, seed=3)
+    assert split_sizes(n, fractions) == {name: len(part) for name, part in splits.items()}
+    assert sorted(c for part in splits.values() for c in part) == list(range(n))
+
+
+def test_paper_split_sizes():
+    """1074 composites 60/10/30: cumulative bounds round(644.4) = 644, round(751.8) = 752, 1074."""
+    assert split_sizes(1074, {"train": 0.6, "val": 0.1, "test": 0.3}) == {"train": 644, "val": 108, "test": 322}
+
+
+def test_box_file_gives_tight_boxes_and_drops_only_for_box_runs(tmp_path):
+    """One set: a box file whose cap-left box lies over the middle part changes no composite and no split; the
+    composites of that photo carry no boxes (box_issue "outside"), and with_boxes drops and counts them."""
     root = write_dataset(tmp_path / "data")
     boxes = stand_in_boxes(COMBOS)
     assert boxes["cap_left_of_chair.jpeg"] == {"object": list(OBJECT_BOX["left"]), "reference": list(REFERENCE_BOX)}
     boxes["cap_left_of_chair.jpeg"]["object"] = [70, 60, 90, 90]          # over the middle part
+    boxes["mug_right_of_table.jpeg"]["object"] = None                     # not found by a detector
     (tmp_path / "boxes.json").write_text(json.dumps(boxes))
     cfg = cfg_for(root, "tiny_qwen2vl", f"data.whatsup_boxes={tmp_path / 'boxes.json'}")
-    with pytest.warns(UserWarning, match="1 What'sUp photos left out.*cap_left_of_chair"):
-        composites = load_composites(cfg)
-    assert not any(c.left.object == "cap" for c in composites)
+    composites = load_composites(cfg)
+    plain = load_composites(cfg_for(root))
+    assert [c.id for c in composites] == [c.id for c in plain] and len(composites) == len(expected_pairs(COMBOS))
+    assert ({n: [c.id for c in s] for n, s in load_splits(cfg).items()}
+            == {n: [c.id for c in s] for n, s in load_splits(cfg_for(root)).items()})
+    outside = [c for c in composites if c.left.object == "cap" and c.left.reference == "chair"]
+    not_found = [c for c in composites if c.right.object == "mug" and c.right.reference == "table"]
+    assert {c.box_issue for c in outside} == {"outside"} and {c.box_issue for c in not_found} == {"not found"}
+    assert all(not c.has_boxes and all(i.token_box is None for i in c.items) for c in outside + not_found)
+    kept, record = with_boxes(composites)
     chair_objects = [obj for obj, reference in COMBOS if reference == "chair"]
-    assert len(composites) == len(expected_pairs(COMBOS)) - (len(chair_objects) - 1)   # cap-left with each other
+    assert record == {"n": len(composites), "with_boxes": len(kept), "dropped_box_not_found": 2,
+                      "dropped_box_outside": len(chair_objects) - 1}        # (x, table, mug): bowl, mustard
+    assert len(kept) == len(composites) - 2 - (len(chair_objects) - 1)
     grid = Grid.from_config(cfg.model.grid)
-    composite = composites[0]
+    composite = kept[0]
     image = composite.image()
     for item, strip in zip(composite.items, composite.strips, strict=True):
         x0, y0, x1, y1 = item.pixel_box
@@ -253,15 +301,21 @@ def test_box_file_gives_tight_boxes_and_drops_photos_outside_their_part(tmp_path
         assert strip[1] <= item.token_box[1] and item.token_box[3] <= strip[3]
 
 
-@pytest.mark.parametrize("model,first_token_rule", [("tiny_qwen2vl", False), ("tiny_gemma3", True)])
-def test_every_whatsup_answer_gets_a_score_on_both_real_vocabularies(dataset, model, first_token_rule):
-    """On Qwen2-VL's vocabulary nine first tokens are shared between What'sUp answers (`Ban`: Banana, Banjo; `Sc`:
-    Scarf, Scissors; ...), so every answer is scored whole; on Gemma 3's none is, and the first token decides."""
+@pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
+def test_every_whatsup_answer_gets_a_score_on_both_real_vocabularies(dataset, model):
+    """With the dataset's names, first tokens are shared between What'sUp answers on both vocabularies (Qwen2:
+    `Ban` starts Banana and Banjo, ` bottle` starts bottle and bottle of mustard; Gemma 3: `bottle` likewise), so
+    every answer is scored whole, and ` bottle` is a prefix of two other answers (the end-of-answer rule)."""
     twin = load_twin(model)
     cfg = cfg_for(dataset, twin.name)
     setting = Setting.from_config(cfg.setting)
     scorer = AnswerScorer(twin.tokenizer, setting.candidates)
-    assert len(setting.candidates) == 61 and scorer.exact == first_token_rule
+    assert len(setting.candidates) == 61 and not scorer.exact
+    bottle = scorer.forms[scorer.index("bottle")]
+    assert set(scorer.continuations) == set(bottle) and len(bottle) == 4     # only bottle's forms continue
+    of = twin.tokenizer(" of", add_special_tokens=False)["input_ids"]
+    assert all([scorer.sequences[row][len(form)] for row in rows] == of
+               for form, rows in scorer.continuations.items())
     samples = composite_samples(load_composites(cfg)[0], setting)
     inputs = twin.encode([s.image for s in samples], [s.prompt for s in samples])
     probabilities, _ = candidate_probabilities(twin, scorer, inputs)
@@ -270,17 +324,17 @@ def test_every_whatsup_answer_gets_a_score_on_both_real_vocabularies(dataset, mo
 
 # --- the patching figures' What'sUp panels ----------------------------------------------------------------------
 
-def test_a_mirrored_composite_swaps_the_objects_and_flips_their_boxes(tmp_path):
-    dataset = write_dataset(tmp_path / "w")
-    cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}")
-    composites = load_composites(cfg)
-    setting = Setting.from_config(cfg.setting)
+def test_flip_option_swaps_the_objects_and_flips_their_boxes(dataset):
+    cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}", "setting.mirror=flip",
+                  "experiment=object_patching", "n_pairs=4")
     grid = Grid.from_config(cfg.model.grid)
-    for pair in whatsup_mirror_pairs(composites, setting, 4, seed=0):
+    pairs, record = setting_mirror_pairs(cfg, boxes=True)
+    assert record == {"mirror": "flip", "n": 26, "without_data_mirror": 0, "without_boxes": 0, "usable": 26}
+    for pair in pairs:
         clean, mirror = pair.clean, pair.counterfactual
         assert [i.name for i in mirror.items] == [i.name for i in reversed(clean.items)]
         assert mirror.prompt == clean.prompt and pair.swapped_answer == mirror.answer != clean.answer
-        assert pair.clean_answer == clean.answer
+        assert pair.clean_answer == clean.answer and pair.object_boxes is None
         flipped = np.asarray(clean.image)[:, ::-1]
         np.testing.assert_array_equal(np.asarray(mirror.image), flipped)
         for k in range(3):
@@ -297,6 +351,58 @@ def test_a_mirrored_composite_swaps_the_objects_and_flips_their_boxes(tmp_path):
         back = mirrored_sample(mirror, grid, "back")
         assert [i.token_box for i in back.items] == [i.token_box for i in clean.items]
         assert back.strips == clean.strips
+
+
+def test_data_mirror_is_the_datasets_photos_with_the_objects_swapped(dataset):
+    """The default mirror of (X, ref, Y): the composite of the photos `Y_left_of_ref` and `X_right_of_ref`, same
+    query, so the mirror's answer is the other object; same parts (strips). Object patching swaps, on each side,
+    the covering box of the object's boxes in both images, by hand on Qwen2-VL's grid: X left (6, 1, 9, 4), X in
+    the mirror's right part (6, 8, 9, 11) moved 8 columns left (6, 0, 9, 3): cover (6, 0, 9, 4); right side (6,
+    8, 9, 12); clean left <- mirror right is then the translation by 8 columns, and each region holds its object
+    in both images."""
+    cfg = cfg_for(dataset, "tiny_qwen2vl", f"data.whatsup_boxes={dataset / 'boxes.json'}",
+                  "experiment=object_patching", "n_pairs=6")
+    grid = Grid.from_config(cfg.model.grid)
+    pairs, record = setting_mirror_pairs(cfg, boxes=True)
+    assert record == {"mirror": "data", "n": 26, "without_data_mirror": 0, "without_boxes": 0, "usable": 26}
+    data = load_whatsup(cfg)
+    for pair in pairs:
+        clean, mirror = pair.clean, pair.counterfactual
+        x, ref, y = (i.name.replace(" ", "-") for i in clean.items)
+        assert [i.name for i in mirror.items] == [clean.items[2].name, ref, clean.items[0].name]
+        photos = [dataset / "controlled_images" / f"{y}_left_of_{ref}.jpeg",
+                  dataset / "controlled_images" / f"{x}_right_of_{ref}.jpeg"]
+        left, right = (next(p for p in data.photos.values() if p.path == path) for path in photos)
+        np.testing.assert_array_equal(np.asarray(mirror.image), np.asarray(data.composite(left, right).image()))
+        assert mirror.prompt == clean.prompt and mirror.direction == clean.direction
+        assert pair.swapped_answer == mirror.answer == clean.items[2 if clean.direction == "left" else 0].answer
+        assert mirror.strips == clean.strips == [(0, 0, 12, 4), (0, 4, 12, 8), (0, 8, 12, 12)]
+        clean_boxes, mirror_boxes = pair.regions("items")
+        assert [clean_boxes[0], clean_boxes[2]] == [(6, 0, 9, 4), (6, 8, 9, 12)]
+        assert [mirror_boxes[0], mirror_boxes[2]] == [(6, 0, 9, 4), (6, 8, 9, 12)]
+        plan = mirror_plan(grid, pair, "items")
+        left_tokens = len(token_indices(grid, clean_boxes[0]))
+        assert plan.dst_tokens[:left_tokens] == [s - 8 for s in plan.src_tokens[:left_tokens]]       # left <- right
+        assert plan.dst_tokens[left_tokens:] == [s + 8 for s in plan.src_tokens[left_tokens:]]       # right <- left
+        for image, box, name in ((clean.image, clean_boxes[0], x), (mirror.image, mirror_boxes[2], x),
+                                 (clean.image, clean_boxes[2], y), (mirror.image, mirror_boxes[0], y)):
+            r0, c0, r1, c1 = box
+            p = grid.pixels_per_token
+            assert color_mask(image, COLORS[name])[r0 * p:r1 * p, c0 * p:c1 * p].sum() > 0.8 * (26 * 2.1) * (30 * 2.8)
+
+
+def test_composites_without_a_data_mirror_are_left_out_and_counted(dataset, tmp_path):
+    """Without mug_right_of_chair.jpeg, the chair composites are 5 left objects x 4 right ones (16 with two
+    different objects); the 4 with the mug on the left have no data mirror (it needs the mug right of the chair)
+    and are left out of the pairs; a flip needs no photo."""
+    root = without_photos(dataset, tmp_path / "w", ["mug_right_of_chair.jpeg"])
+    cfg = cfg_for(root, "tiny_qwen2vl", "experiment=strip_patching", "n_pairs=40")
+    pairs, record = setting_mirror_pairs(cfg)
+    assert record == {"mirror": "data", "n": 22, "without_data_mirror": 4, "without_boxes": 0, "usable": 18}
+    assert not any(p.clean.items[0].name == "mug" and p.clean.items[1].name == "chair" for p in pairs)
+    assert len({p.clean.id.rsplit("_", 2)[0] for p in pairs}) == 18 and len(pairs) == 40
+    _, flipped = whatsup_mirror_pairs(load_whatsup(cfg), 4, 0, mirror="flip")
+    assert flipped["usable"] == 22
 
 
 def test_whatsup_last_token_pairs_share_the_reference_with_two_other_objects(tmp_path):
@@ -319,45 +425,50 @@ def test_whatsup_last_token_pairs_share_the_reference_with_two_other_objects(tmp
 @pytest.mark.parametrize("experiment,figure", [("last_token", "fig02_last_token"),
                                                ("strip_patching", "fig07_strip_patching"),
                                                ("object_patching", "fig06_object_patching")])
-def test_patching_figures_draw_a_whatsup_panel(tmp_path, experiment, figure):
-    dataset = write_dataset(tmp_path / "w")
+def test_patching_figures_draw_a_whatsup_panel(dataset, tmp_path, experiment, figure):
     results = tmp_path / "results"
     for setting in ("squares", "whatsup"):
         cfg = make_cfg("model=tiny_qwen2vl", f"experiment={experiment}", f"setting={setting}", "n_pairs=2",
                        "layers=[0,3]", f"results_dir={results}", f"data.whatsup_dir={dataset}",
                        f"data.whatsup_boxes={dataset / 'boxes.json'}")
-        run_unit(cfg)
+        run_unit(cfg, lambda: load_twin("tiny_qwen2vl"))
     record, arrays = load_unit(results / experiment / "tiny_qwen2vl" / "whatsup")
     assert record["metrics"]["n_pairs"] == 2 and set(arrays["orientation"]) == {"horizontal"}
-    done = subprocess.run([sys.executable, f"figures/{figure}/plot.py", "--results", str(results), "--out",
-                           str(tmp_path / "fig")], cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    if experiment != "last_token":       # the mirror used and the composites left out, recorded
+        assert record["metrics"]["whatsup_pairs"] == {"mirror": "data", "n": 26, "without_data_mirror": 0,
+                                                      "without_boxes": 0, "usable": 26}
+    assert run_plot(figure, "--results", str(results), "--out", str(tmp_path / "fig")) == 0
     summary = (tmp_path / "fig" / "summary.md").read_text()
     assert "| tiny_qwen2vl | squares |" in summary and "| tiny_qwen2vl | whatsup |" in summary
+
+
+def no_model():
+    raise AssertionError("the model was loaded before the input was refused")
 
 
 @pytest.mark.parametrize("args,needle", [
     (["experiment=ablated_patching"], "does not run on setting 'whatsup'; allowed: squares, shapes, objects"),
     (["experiment=object_patching"], "data.whatsup_boxes is not set"),
+    (["experiment=strip_patching", "setting.mirror=sideways"], "setting.mirror 'sideways'"),
+    (["experiment=strip_patching", "setting.cuts=[0.25,0.6667]"], "side parts of 3 and 4 token columns"),
 ])
-def test_patching_what_a_whatsup_setting_cannot_do_is_refused_in_one_line(tmp_path, args, needle):
-    dataset = write_dataset(tmp_path / "w")
-    done = subprocess.run([sys.executable, "-m", "runner", "model=tiny_qwen2vl", "setting=whatsup", "n_pairs=1",
-                           f"data.whatsup_dir={dataset}", "device=cpu", f"results_dir={tmp_path / 'results'}", *args],
-                          cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 2
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], done.stderr
+def test_patching_what_a_whatsup_setting_cannot_do_is_refused_in_one_line(dataset, tmp_path, args, needle):
+    """In process: the run stops with a one-line UsageError (the command line prints it and exits 2) before the
+    model loads, and writes nothing."""
+    cfg = make_cfg("model=tiny_qwen2vl", "setting=whatsup", "n_pairs=1", f"data.whatsup_dir={dataset}",
+                   f"results_dir={tmp_path / 'results'}", *args)
+    with pytest.raises(UsageError) as err:
+        run_unit(cfg, no_model)
+    assert "\n" not in str(err.value) and needle in str(err.value), str(err.value)
     assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
-def test_whatsup_accuracy_runs_on_both_twins(tmp_path, model):
+def test_whatsup_accuracy_runs_on_both_twins(dataset, tmp_path, model):
     """Table 1's What'sUp column through the runner, on the stand-ins, for both real vocabularies."""
-    dataset = write_dataset(tmp_path / "w")
     cfg = make_cfg(f"model={model}", "experiment=accuracy", "setting=whatsup", f"data.whatsup_dir={dataset}",
-                   "split=test", f"results_dir={tmp_path / 'results'}")
-    record, arrays = load_unit(run_unit(cfg))
-    n = 2 * len(load_splits(cfg)["test"])
+                   "split=val", f"results_dir={tmp_path / 'results'}")
+    record, arrays = load_unit(run_unit(cfg, lambda: load_twin(model)))
+    n = 2 * len(load_splits(cfg)["val"])
     assert record["metrics"]["n"] == n and arrays["probs"].shape == (n, 61)
     assert (arrays["probs"] > 0).all() and 0 <= record["metrics"]["accuracy"] <= 1

@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 
 from common.errors import UsageError, check_choice
 from common.geometry import Grid, Layout
 from vlm.adapters import ADAPTERS, FamilyAdapter
-from vlm.hooks import capture
+from vlm.interventions import VISUAL, Read, forward, intervene
 from vlm.twins import build_parts, chat_messages, ensure_twin, initialise_zero_weights
 
 INITS = ("pretrained", "random")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")     # accelerate's automatic placements
 
 
 @dataclass
@@ -41,7 +42,11 @@ class VLM:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the device the input embeddings run on (for a model split by `device_map`, accelerate's
+        execution device of that first part; its weights may be offloaded)."""
+        embeddings = self.model.get_input_embeddings()
+        execution = getattr(getattr(embeddings, "_hf_hook", None), "execution_device", None)
+        return torch.device(execution) if execution is not None else embeddings.weight.device
 
     @property
     def visual_embedding_module(self) -> torch.nn.Module:
@@ -112,12 +117,13 @@ class VLM:
         return mask.nonzero()[:, 1].reshape(input_ids.shape[0], self.n_visual_tokens)
 
     @torch.no_grad()
-    def last_logits(self, inputs, visual_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def last_logits(self, inputs, visual_tokens: torch.Tensor | None = None, interventions=()) -> torch.Tensor:
         """(batch, vocab) float32 next-token logits at the last position; only that position is projected.
 
         `visual_tokens` (batch, tokens, hidden), when given, are used as the visual embeddings instead of
-        running the vision tower on the inputs' pixels (an image's embeddings are computed once)."""
-        return self.adapter.forward(self.model, inputs, visual_tokens, logits_to_keep=1).logits[:, -1].float()
+        running the vision tower on the inputs' pixels (an image's embeddings are computed once);
+        `interventions` (vlm/interventions.py) apply to the forward."""
+        return forward(self, inputs, interventions, visual_tokens, logits_to_keep=1).logits[:, -1].float()
 
     @torch.no_grad()
     def image_embeddings(self, images, batch_size: int, desc: str | None = None, device=None) -> torch.Tensor:
@@ -125,7 +131,8 @@ class VLM:
         and projector (the prompt is empty: they see only the pixels). Each batch's result is moved to `device`
         (default: stays on the model's); `desc` shows a progress bar."""
         out = []
-        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch", disable=desc is None):
+        for start in tqdm(range(0, len(images), batch_size), desc=desc, unit="batch",
+                          disable=True if desc is None else None):     # None: only on a terminal
             chunk = list(images[start:start + batch_size])
             tokens = self.visual_tokens(self.encode(chunk, [""] * len(chunk)))
             out.append(tokens if device is None else tokens.to(device))
@@ -134,9 +141,12 @@ class VLM:
     @torch.no_grad()
     def visual_tokens(self, inputs) -> torch.Tensor:
         """(batch, tokens, hidden) visual embeddings of the inputs' images, tokens in row-major grid order."""
-        with capture({"visual": self.visual_embedding_module}) as cache:
+        tokens = self.adapter.read_visual_tokens(self.model, inputs, self.n_visual_tokens)
+        if tokens is not None:              # a family whose visual embeddings are more than one module's output
+            return tokens
+        with intervene(self, [Read(VISUAL)]) as read:
             self.adapter.image_features(self.model, inputs)
-        return self.adapter.visual_tokens(cache["visual"], self.n_visual_tokens)
+        return read[VISUAL]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -170,6 +180,9 @@ def load_model(cfg: DictConfig) -> VLM:
     device = resolve_device(cfg.device)
     dtype = getattr(torch, mcfg.dtype)
     grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
+    problem = adapter.grid_error(grid, OmegaConf.to_container(mcfg.architecture, resolve=True))
+    if problem:                             # before anything loads: the processor would resize the images
+        raise UsageError(f"model {mcfg.name}: {problem}")
 
     if mcfg.init == "random":
         tokenizer, image_processor, config = build_parts(adapter, mcfg, cfg.system_prompt)
@@ -178,8 +191,9 @@ def load_model(cfg: DictConfig) -> VLM:
                                                      attn_implementation=mcfg.attn_implementation)
         initialise_zero_weights(model, config)
     else:
+        placement = device_placement(cfg, adapter, device)
         path = str(ensure_twin(adapter, mcfg, cfg.system_prompt)) if mcfg.twin else _checked_path(mcfg.path, mcfg.get("made_by"))
-        tokenizer, image_processor, model = _from_pretrained(adapter, path, mcfg, device, dtype)
+        tokenizer, image_processor, model = _from_pretrained(adapter, path, mcfg, device, dtype, placement)
     model.eval().requires_grad_(False)
     tokenizer.padding_side = "left"
     adapter.fit_image_processor(image_processor, grid)
@@ -191,6 +205,8 @@ def load_model(cfg: DictConfig) -> VLM:
 def _checked_path(path: str, made_by: str | None = None) -> str:
     local = Path(path).expanduser()
     if local.exists():
+        if not (local / "config.json").is_file():
+            raise UsageError(f"model.path {path!r} is not a checkpoint: no config.json")
         return str(local)
     if path.startswith((".", "/", "~")) or path.count("/") != 1:
         how = f"; it is made by `{made_by}`" if made_by else ""
@@ -199,17 +215,53 @@ def _checked_path(path: str, made_by: str | None = None) -> str:
     return path
 
 
-def _from_pretrained(adapter, path, mcfg, device, dtype):
-    device_map = mcfg.device_map if device.type == "cuda" and mcfg.device_map else None
+def device_placement(cfg: DictConfig, adapter: FamilyAdapter, device: torch.device) -> dict:
+    """from_pretrained's placement arguments for `cfg.model`: {} (the whole model on `device`), or `device_map`
+    (accelerate spreads the layers over the GPUs, CPU memory and disk), with `max_memory` ({device: size}) and
+    <cache_dir>/offload/<model> for what goes to disk. On a machine without a GPU a
+    device_map applies only with `max_memory` (a CPU / disk split); otherwise the model is on the CPU whole.
+    UsageError for a device_map that is not one of accelerate's placements or a {module: device} dict covering
+    the LM's decoder layers. Checked before anything loads."""
+    mcfg = cfg.model
+    device_map, max_memory = mcfg.get("device_map"), mcfg.get("max_memory")
+    if device_map in (None, ""):
+        return {}
+    if OmegaConf.is_config(device_map):
+        device_map = OmegaConf.to_container(device_map)
+    if isinstance(device_map, str):
+        check_choice("model.device_map", device_map, DEVICE_MAPS)
+    elif isinstance(device_map, dict):
+        layers = adapter.modules["decoder_layers"]
+        placed = [key for key in device_map if key == "" or layers == key or layers.startswith(key + ".")
+                  or key.startswith(layers + ".")]
+        if not placed:
+            raise UsageError(f"model.device_map places none of {mcfg.name}'s decoder layers ({layers}.*): give each "
+                             f"module a device, or one of {', '.join(DEVICE_MAPS)}")
+    else:
+        raise UsageError(f"model.device_map={device_map!r}; allowed: null, {', '.join(DEVICE_MAPS)} or a "
+                         "{module: device} mapping")
+    if device.type != "cuda" and max_memory in (None, ""):
+        return {}
+    placement = {"device_map": device_map,
+                 "offload_folder": str(Path(cfg.cache_dir) / "offload" / mcfg.name)}
+    if max_memory not in (None, ""):
+        memory = OmegaConf.to_container(max_memory) if OmegaConf.is_config(max_memory) else max_memory
+        if not isinstance(memory, dict) or not memory:
+            raise UsageError(f"model.max_memory={max_memory!r}: give {{device: size}}, e.g. {{0: 20GiB, cpu: 64GiB}}")
+        placement["max_memory"] = {int(k) if str(k).isdigit() else str(k): v for k, v in memory.items()}
+    return placement
+
+
+def _from_pretrained(adapter, path, mcfg, device, dtype, placement: dict):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         image_processor = AutoImageProcessor.from_pretrained(path)
-        model = adapter.model_class.from_pretrained(path, dtype=dtype, device_map=device_map,
-                                                    attn_implementation=mcfg.attn_implementation)
+        model = adapter.model_class.from_pretrained(path, dtype=dtype, attn_implementation=mcfg.attn_implementation,
+                                                    **placement)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UsageError(f"cannot load model {mcfg.name!r} from {path!r} (no local copy and no hub access?): {first}") from err
-    if device_map is None:
+    if not placement:
         model.to(device)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = adapter.chat_template()

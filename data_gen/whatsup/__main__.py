@@ -12,10 +12,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from common.cli import CONFIG_DIR
-from common.errors import UsageError
+from common.cli import CONFIG_DIR, command
+from common.errors import UsageError, check_choice
 from data_gen.whatsup import BOXES_FILE, STAND_IN_COMBOS, write_stand_in
 from data_gen.whatsup.detect import detect_boxes
+from data_gen.whatsup.stand_in import COMBOS, CONTROLLED_A_COMBOS, STAND_IN_COLORS, setting_colors
 
 COMMANDS = ("stand_in", "boxes")
 USAGE = ("usage: python -m data_gen.whatsup {stand_in,boxes} [key=value ...]  (Hydra overrides of "
@@ -39,30 +40,31 @@ def stand_in(cfg: DictConfig) -> Path:
     out = Path(str(cfg.data.whatsup_dir)).expanduser()
     if out.exists():
         raise UsageError(f"{out} already exists; give a new directory")
-    write_stand_in(out, seed=int(cfg.seed))
-    n = len(STAND_IN_COMBOS)
+    check_choice("stand_in.combos", cfg.stand_in.combos, COMBOS)
+    if cfg.stand_in.combos == "controlled_a":
+        combos, colors = CONTROLLED_A_COMBOS, setting_colors(cfg.setting["items"])
+    else:
+        combos, colors = STAND_IN_COMBOS, STAND_IN_COLORS
+    write_stand_in(out, combos, seed=int(cfg.seed), colors=colors)
+    n = len(combos)
     print(f"stand-in What'sUp: {4 * n} photos of {n} object-reference combinations and their known boxes "
           f"(stand-in ground truth) -> {out} (use data.whatsup_dir={out} data.whatsup_boxes={out / BOXES_FILE})")
     return out
 
 
-def main(argv=None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
+@command
+def main(args: list[str]) -> int:
     if not args or args[0] not in COMMANDS:
         print(USAGE if not args or args[0] in ("-h", "--help") else f"error: unknown command {args[0]!r}; "
               f"allowed: {', '.join(COMMANDS)}\n{USAGE}", file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    command, overrides = args[0], args[1:]
-    if command == "stand_in" and len(overrides) >= 1 and "=" not in overrides[0]:
+    name, overrides = args[0], args[1:]
+    if name == "stand_in" and len(overrides) >= 1 and "=" not in overrides[0]:
         overrides[0] = f"data.whatsup_dir={overrides[0]}"        # `stand_in DIR`, the older form
-    try:
-        cfg = compose_config(overrides)
-        stand_in(cfg) if command == "stand_in" else detect_boxes(cfg)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    cfg = compose_config(overrides)
+    stand_in(cfg) if name == "stand_in" else detect_boxes(cfg)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

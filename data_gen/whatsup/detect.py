@@ -10,9 +10,10 @@ reference's (names with spaces). Post-processing (Owlv2Processor.post_process_gr
 every predicted box to the query it scores highest on, so one box never serves both names; a name's box is
 its best-scoring box above `detector.threshold`, in the photo's own pixels (OWLv2 pads a photo to a square at
 the bottom and right, so boxes are scaled by the longer side), widened to whole pixels and clipped to the
-photo. A name with no box above the threshold is recorded as null and reported at the end; the loader leaves
-out a photo whose needed box is null, with a warning (a left photo needs both boxes, a right one only its
-object's). Each entry also holds the boxes' `scores`.
+photo. A name with no box above the threshold is recorded as null and reported at the end; a composite that
+needs it (a left photo needs both boxes, a right one only its object's) then carries no boxes, and the
+experiments that train on boxes drop it and count it (data_gen/whatsup/composites.py, `with_boxes`). Each entry
+also holds the boxes' `scores`.
 
 The file (data.whatsup_boxes, default DIR/boxes.json) is rewritten atomically after every batch; photos already
 in it are skipped, so an interrupted run resumes; redo=true detects every photo again. A run with another
@@ -181,7 +182,7 @@ def detect_boxes(cfg: DictConfig, detector: Detector | None = None) -> Path:
     missing = not_found(entries, photos)
     if missing:
         print(f"boxes: {len(missing)} names not found above detector.threshold={cfg.detector.threshold} "
-              f"(null in the box file; the loader leaves those photos out when it needs the box): "
+              f"(null in the box file; experiments that need boxes drop the composites of those photos and count them): "
               f"{'; '.join(missing[:10])}{'; ...' if len(missing) > 10 else ''}")
     print(f"-> {out} (use data.whatsup_boxes={out})")
     return out

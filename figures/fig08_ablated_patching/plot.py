@@ -4,9 +4,15 @@ and of the swapped answer (b) against the patched LM layer, from results/ablated
 import sys
 from pathlib import Path
 
-from patching.plots import figure_main
+from common.cli import plot_main
+from patching.plots import draw_figure
 
 OUTCOMES = {"clean": "P(a): clean answer", "swapped": "P(b): sides swapped"}
 
+
+def draw(results: Path, out: Path) -> int:
+    return draw_figure(results, out, "ablated_patching", OUTCOMES, "Object patching after ablation", "fig08_ablated_patching")
+
+
 if __name__ == "__main__":
-    sys.exit(figure_main("ablated_patching", OUTCOMES, "Object patching after ablation", Path(__file__).parent))
+    sys.exit(plot_main(draw, __doc__, __file__))

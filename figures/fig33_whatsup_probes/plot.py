@@ -1,9 +1,8 @@
 """Redraw paper Fig 33-35 (position probes on What'sUp composites) from results/whatsup_probes/<model>/whatsup/:
 fig33_<model>.png, an example test composite with its token grid and each item's box labelled by position
 (Fig 33), and whatsup_probes_<model>_whatsup.png, the probe's heat maps (Fig 34 Qwen, Fig 35 Gemma), plus
-summary.md."""
+summary.md (with, per unit, the composites each split dropped for missing boxes)."""
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -13,10 +12,23 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from common.cli import plot_main  # noqa: E402
 from common.results import find_units, load_unit  # noqa: E402
 from probing.plots import draw_figure  # noqa: E402
 
 POSITIONS = ("0 left object", "1 reference", "2 right object")
+
+
+def composite_lines(unit: Path) -> list[str]:
+    """Per split the probe read: composites, those with boxes, those dropped (box not found / outside its part),
+    those used."""
+    record, _ = load_unit(unit)
+    lines = []
+    for split, r in record["metrics"].get("whatsup_composites", {}).items():
+        lines.append(f"- {unit.parent.name} {split}: {r['used']} composites used of {r['with_boxes']} with boxes "
+                     f"({r['n']} in the split; dropped for missing boxes: {r['dropped_box_not_found']} not found, "
+                     f"{r['dropped_box_outside']} outside their part)")
+    return lines
 
 
 def draw_boxes(unit: Path, path: Path) -> None:
@@ -45,14 +57,19 @@ def draw_boxes(unit: Path, path: Path) -> None:
     plt.close(fig)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--results", type=Path, default=Path("results"))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "out")
-    args = parser.parse_args()
-    code = draw_figure(args.results, args.out, "whatsup_probes", group=lambda m: "",
-                       script="scripts/fig33_whatsup_probes.sh")
+def draw(results: Path, out: Path) -> int:
+    code = draw_figure(results, out, "whatsup_probes", group=lambda m: "", script="scripts/fig33_whatsup_probes.sh")
     if code == 0:
-        for unit in find_units(args.results, "whatsup_probes"):
-            draw_boxes(unit, args.out / f"fig33_{unit.parent.name}.png")
-    sys.exit(code)
+        lines = []
+        for unit in find_units(results, "whatsup_probes"):
+            draw_boxes(unit, out / f"fig33_{unit.parent.name}.png")
+            lines += composite_lines(unit)
+        if lines:
+            with open(out / "summary.md", "a") as summary:
+                summary.write("\nComposites per split (one set for every What'sUp experiment; those whose boxes are "
+                              "missing are dropped here):\n" + "\n".join(lines) + "\n")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(plot_main(draw, __doc__, __file__))

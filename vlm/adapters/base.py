@@ -18,14 +18,15 @@ from common.errors import UsageError
 
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
 MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention", "vision_layers", "final_norm")
+OPTIONAL_MODULE_NAMES = ("attention_output",)   # needed only by the sites that use them (vlm/interventions.py)
 
 
 class FamilyAdapter:
     """A model family's module paths, token ids, processor settings and input encoding.
 
-    To add a family (LLaVA, Qwen2.5-VL, InternVL): subclass this in a new file, register it in
-    `vlm/adapters/__init__.py`, write `configs/family/<name>.yaml` (its module paths) and a
-    `configs/model/<name>.yaml` that includes it.
+    To add a family: subclass this in a new file, register it in `vlm/adapters/__init__.py`, write
+    `configs/family/<name>.yaml` (its module paths and tokenizer recipe) and `configs/model/<name>.yaml` files that
+    include it (docs/adding_a_model.md walks through one).
     """
 
     name: str
@@ -36,12 +37,17 @@ class FamilyAdapter:
                                      # the real tokenizers instead (vlm/vocabularies.py)
     image_token: str                 # the placeholder token repeated once per visual token
     image_inputs: tuple[str, ...] = ("pixel_values",)   # inputs that carry the image itself
+    chat_template_file: str | None = None   # vlm/chat_templates/<this>; None: <name>.jinja
+
+    extra_modules: tuple[str, ...] = ()   # module names this family needs besides MODULE_NAMES
 
     def __init__(self, modules: Mapping[str, str]):
-        missing = [name for name in MODULE_NAMES if name not in modules]
+        names = MODULE_NAMES + self.extra_modules
+        missing = [name for name in names if name not in modules]
         if missing:
-            raise ValueError(f"{self.name} module paths lack {', '.join(missing)} (configs/family/{self.name}.yaml)")
-        self.modules = {name: str(modules[name]) for name in MODULE_NAMES}
+            raise ValueError(f"{self.name} module paths lack {', '.join(missing)} (configs/family/{self.name}.yaml, "
+                             f"`modules:`)")
+        self.modules = {name: str(modules[name]) for name in (*names, *OPTIONAL_MODULE_NAMES) if name in modules}
 
     # --- where things are --------------------------------------------------------------------------
     def module(self, model, name: str, index: int | None = None) -> torch.nn.Module:
@@ -68,11 +74,36 @@ class FamilyAdapter:
         """Each LM decoder layer's self-attention module, in layer order."""
         return [self.module(model, "attention", i) for i in range(len(self.decoder_layers(model)))]
 
+    def attention_output_module(self, model, layer: int) -> torch.nn.Module:
+        """Layer `layer`'s attention output projection, whose input is every head's output side by side (the
+        "heads.<l>" site)."""
+        if "attention_output" not in self.modules:
+            raise ValueError(f"{self.name} has no attention_output module path (configs/family/{self.name}.yaml)")
+        return self.module(model, "attention_output", layer)
+
     # --- building the twin / random-init architecture -------------------------------------------
     def chat_template(self) -> str:
         """The real checkpoint's chat template, byte for byte (vlm/chat_templates/<name>.jinja): the twins' and the
         fallback for a loaded tokenizer without one."""
-        return (CHAT_TEMPLATE_DIR / f"{self.name}.jinja").read_text()
+        return (CHAT_TEMPLATE_DIR / (self.chat_template_file or f"{self.name}.jinja")).read_text()
+
+    def native_grid(self, architecture: dict) -> tuple[int | None, int | None, int]:
+        """(rows, cols, pixels per token) of the visual grid this family's processor keeps an image on, from a model
+        config's `architecture` block; rows / cols None where any count works (the Qwen-VL processors keep any
+        multiple of a token's size)."""
+        raise NotImplementedError
+
+    def grid_error(self, grid, architecture: dict) -> str | None:
+        """Why a model config's `grid` would be resized off its visual tokens by this family's processor (one line,
+        naming the value and what is allowed), or None when the processor keeps it as it is. Checked before any
+        model loads (vlm.models.load_model)."""
+        rows, cols, pixels = self.native_grid(architecture)
+        wanted = (grid.rows if rows is None else rows, grid.cols if cols is None else cols, pixels)
+        if (grid.rows, grid.cols, grid.pixels_per_token) == wanted:
+            return None
+        return (f"grid {grid.rows} x {grid.cols} of {grid.pixels_per_token} px ({grid.width} x {grid.height} px) "
+                f"would be resized by the {self.name} processor; allowed: {wanted[0]} x {wanted[1]} tokens of "
+                f"{wanted[2]} px" + (" (any rows and cols)" if rows is None else ""))
 
     def build_image_processor(self, grid):
         """The real checkpoint's image processor settings, for an image of `grid` (twins, init=random)."""
@@ -113,9 +144,38 @@ class FamilyAdapter:
         """Run the vision tower and projector on the inputs' pixels (the LM does not run)."""
         return model.model.get_image_features(pixel_values=inputs["pixel_values"])
 
+    def read_visual_tokens(self, model, inputs, tokens_per_image: int) -> torch.Tensor | None:
+        """(batch, tokens, width) visual embeddings of the inputs' images when this family's are more than the
+        visual module's output (Qwen3-VL: its DeepStack features too); None: read them from the visual module's
+        output (`visual_tokens`), as vlm.models.VLM.visual_tokens does."""
+        return None
+
+    def visual_modules(self, model) -> list[torch.nn.Module]:
+        """Every module whose output belongs to the visual embeddings, the visual module first; their outputs,
+        each through `visual_tokens`, concatenated on the last axis in this order, are the visual embeddings."""
+        return [self.visual_embedding_module(model)]
+
+    def visual_parts(self, tokens: torch.Tensor, model) -> list[torch.Tensor]:
+        """Inverse of the concatenation above: (batch, tokens, width) -> one (batch, tokens, width_i) per module of
+        `visual_modules`."""
+        return [tokens]
+
+    def injected_after(self, model) -> list[int]:
+        """Decoder layers after which the LM adds a part of the visual embeddings to the residual stream at the
+        visual tokens' positions: part i + 1 of `visual_parts` after layer `injected_after(model)[i]` (Qwen3-VL's
+        DeepStack); empty for families whose LM sees the image only at its input."""
+        return []
+
     def image_rows(self, inputs, rows: torch.Tensor) -> dict:
         """The image inputs (for `image_features`) of rows `rows` of a batch encoding."""
         return {key: inputs[key][rows] for key in self.image_inputs}
+
+    def split_batch(self, inputs) -> list[dict]:
+        """A batch encoding as one batch-1 encoding per row (padding kept), without the images themselves (their
+        visual embeddings are passed to the forward instead): what vlm.replay.record takes."""
+        rows = int(inputs["input_ids"].shape[0])
+        return [{key: value[i:i + 1] for key, value in inputs.items() if key not in self.image_inputs}
+                for i in range(rows)]
 
     def repeat_inputs(self, inputs, rows: int) -> dict:
         """One example's inputs (batch 1) as `rows` identical rows, without the image itself (the image's

@@ -47,6 +47,11 @@ class Gemma3Adapter(FamilyAdapter):
             image_token_index=ids["<image_soft_token>"],
         )
 
+    def native_grid(self, architecture):
+        # SigLIP at its image_size, pooled to mm_tokens_per_image tokens (a square)
+        per_side = round(architecture["mm_tokens_per_image"] ** 0.5)
+        return per_side, per_side, architecture["vision_config"]["image_size"] // per_side
+
     def fit_image_processor(self, image_processor, grid) -> None:
         size = image_processor.size
         height = size["height"] if isinstance(size, dict) else size.height

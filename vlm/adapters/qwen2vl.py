@@ -15,9 +15,15 @@ from vlm.adapters.base import FamilyAdapter
 
 
 class Qwen2VLAdapter(FamilyAdapter):
+    """Qwen2-VL, and the base of the Qwen-VL families after it (vlm/adapters/qwen2_5vl.py, qwen3vl.py): an image
+    processor that cuts patches and groups them 2 x 2, one <|image_pad|> per merged token, M-RoPE positions."""
+
     name = "qwen2vl"
     model_class = Qwen2VLForConditionalGeneration
     config_class = Qwen2VLConfig
+    patch_size = 14                     # the vision tower's patches (px); a visual token is merge_size of them a side
+    image_mean: list | None = None      # None: the image processor's default (OpenAI CLIP's)
+    image_std: list | None = None
     special_tokens = [
         "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
         "<|image_pad|>", "<|video_pad|>", "<unk>",
@@ -30,8 +36,9 @@ class Qwen2VLAdapter(FamilyAdapter):
 
     def build_image_processor(self, grid):
         pixels = grid.height * grid.width
-        return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                        temporal_patch_size=2)
+        norm = {"image_mean": self.image_mean, "image_std": self.image_std} if self.image_mean else {}
+        return Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels, patch_size=self.patch_size,
+                                        merge_size=2, temporal_patch_size=2, **norm)
 
     def build_config(self, architecture: dict, tokenizer) -> Qwen2VLConfig:
         text = dict(architecture["text_config"])
@@ -39,11 +46,16 @@ class Qwen2VLAdapter(FamilyAdapter):
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
                ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
         text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-        return Qwen2VLConfig(
+        rest = {k: v for k, v in architecture.items() if k not in ("text_config", "vision_config")}
+        return self.config_class(
             text_config=text, vision_config=dict(architecture["vision_config"]),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], **rest,
         )
+
+    def native_grid(self, architecture):
+        vision = architecture["vision_config"]
+        return None, None, vision.get("patch_size", self.patch_size) * vision.get("spatial_merge_size", 2)
 
     def fit_image_processor(self, image_processor, grid) -> None:
         # min_pixels = max_pixels = the image's own size: the processor never resizes (docs/experiments.md,
