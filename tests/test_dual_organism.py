@@ -199,6 +199,7 @@ def dual():
     return load_model(make_cfg("model=dual_organism"))
 
 
+@pytest.mark.slow
 def test_the_shipped_card_is_reproduced_by_its_evaluate_command():
     for name, numbers in reproduced_card("dual_organism").items():  # ... --config-name dual_organism evaluate=true
         assert numbers["accuracy"] >= 0.9, name       # finding 1 (observed 0.99 / 0.99 / 1.00)

@@ -102,6 +102,7 @@ def organism():
     return load_model(make_cfg("model=organism"))
 
 
+@pytest.mark.slow
 def test_the_shipped_card_is_reproduced_by_its_evaluate_command():
     for name, numbers in reproduced_card("organism").items():    # `python -m organisms.train evaluate=true`
         assert numbers["accuracy"] >= 0.9, name       # observed 0.948, 0.948, 0.996 on never-trained triples

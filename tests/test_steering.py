@@ -194,7 +194,7 @@ def counting(monkeypatch, twin) -> dict:
     return counts
 
 
-@pytest.mark.parametrize("model", ["tiny_qwen2vl", "tiny_gemma3"])
+@pytest.mark.parametrize("model", ["tiny_qwen2vl", pytest.param("tiny_gemma3", marks=pytest.mark.slow)])
 def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, monkeypatch):
     """protocol=val_test: every grid on val, each method once on test at the value chosen on val; the passes made
     are the dry run's count (steering.run.passes). 8 of the 26 stand-in composites: train 5, val 1, test 2."""
@@ -288,6 +288,7 @@ def test_amplification_end_to_end_and_table_redraws(stand_in, tmp_path, model, m
     np.testing.assert_array_equal(full["random"][:, k], arrays["test.pred.random"][:, 0, :2])
 
 
+@pytest.mark.slow
 def test_paper_protocol_reports_the_best_value_over_all_composites(stand_in, tmp_path, monkeypatch):
     """protocol=paper: every grid on all composites; each method at its best value there (the paper's "up to");
     None is then over all composites; every token gets every class's one-vs-rest row (directions_per_token=all);

@@ -216,7 +216,7 @@ def candidate_probabilities(vlm, scorer: AnswerScorer, inputs, visual_tokens: to
         out = forward(vlm, inputs, interventions, visual_tokens, logits_to_keep=1, use_cache=not scorer.exact)
         logits = out.logits[:, -1].float()
         rows = list(range(logits.shape[0]))
-        return run_probabilities(vlm, scorer, logits, lambda: [(rows, inputs, out.past_key_values)]), logits
+        return run_probabilities(vlm, scorer, logits, lambda: [(rows, inputs, vlm.adapter.output_cache(out))]), logits
 
 
 @torch.no_grad()

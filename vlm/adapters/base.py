@@ -202,6 +202,11 @@ class FamilyAdapter:
         (deprecated there) in older ones."""
         return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
+    def output_cache(self, output):
+        """The past keys and values a forward returned: its `cache` field in newer transformers 5.x,
+        `past_key_values` (deprecated there) in older ones."""
+        return output.cache if "cache" in getattr(type(output), "__dataclass_fields__", {}) else output.past_key_values
+
     def accepts_encoder_outputs(self, model) -> bool:
         """Whether this transformers' forward takes precomputed visual embeddings (`mm_encoder_outputs`, newer
         5.x releases)."""
