@@ -358,6 +358,18 @@ def _exit_code(value) -> int:
     return 0 if value is None else value if isinstance(value, int) else 1
 
 
+def named_config(args: list[str], default: str) -> str:
+    """The config a command line composes: Hydra's `--config-name NAME` (`--config-name=NAME`, `-cn NAME`), else
+    the command's own."""
+    for k, arg in enumerate(args):
+        for flag in ("--config-name", "-cn"):
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+            if arg == flag and k + 1 < len(args):
+                return args[k + 1]
+    return default
+
+
 def entrypoint(config_name: str = "config"):
     """Decorate `fn(cfg) -> "done" | "skipped" | None` into `main(argv=None) -> int`, a command over
     `configs/<config_name>.yaml` (Hydra; module docstring for what it checks and returns)."""
@@ -372,7 +384,7 @@ def entrypoint(config_name: str = "config"):
             args = list(sys.argv[1:] if argv is None else argv)
             quiet_output()
             try:
-                multirun = check_command_line(args, config_name)
+                multirun = check_command_line(args, named_config(args, config_name))
                 variant = swept_keys(args) if multirun else []
             except UsageError as err:
                 print(f"error: {err}", file=sys.stderr)

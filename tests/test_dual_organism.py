@@ -191,6 +191,18 @@ def test_phases_refuse_unknown_keys_and_phases(tmp_path):
     assert [name for name, _ in phases(short_run(tmp_path, "from_phase=fade"))] == ["fade"]
 
 
+@pytest.mark.parametrize("flag", [["--config-name", "dual_organism"], ["--config-name=dual_organism"],
+                                  ["-cn", "dual_organism"]])
+def test_the_command_line_checks_keys_against_the_config_it_names(flag, capsys):
+    """`--config-name dual_organism`: a phase's key is a key of that config (not of configs/organism.yaml, the
+    command's own), and an unknown one is refused in one line naming it, before anything trains."""
+    from organisms.train import main
+
+    assert main([*flag, "phases.fade.drop_items=0.8", "train.colour=1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "'train.colour'" in error and "drop_items" not in error
+
+
 # --- the shipped dual organism (organisms/dual_organism/, card: organisms/dual_organism/README.md): findings
 # observed with the repository's experiments, then pinned a little below what was measured ---
 
