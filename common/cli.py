@@ -72,8 +72,9 @@ NOT_OPTIONS = {"sweep": ("paper",)}
 # keys that name a results unit by themselves (results/<experiment>/<model>/<setting>/): sweeping them needs
 # no variant directory
 UNIT_KEYS = ("experiment", "model", "setting", "sweep")
-# where `+key=value` may add keys: the model's architecture is handed to transformers' config as it is
-OPEN_KEYS = ("model.architecture.",)
+# where `+key=value` may add keys: the model's architecture is handed to transformers' config as it is; a
+# training phase may set any `train` key (organisms.train.phases refuses the others, before anything loads)
+OPEN_KEYS = ("model.architecture.", "phases.")
 # launchers that come with Hydra and its launcher plugins, usable as hydra/launcher=<name> when installed
 PLUGIN_LAUNCHERS = {"basic": None, "joblib": "hydra_plugins.hydra_joblib_launcher",
                     "submitit_local": "hydra_plugins.hydra_submitit_launcher",

@@ -198,9 +198,13 @@ def test_the_command_line_checks_keys_against_the_config_it_names(flag, capsys):
     command's own), and an unknown one is refused in one line naming it, before anything trains."""
     from organisms.train import main
 
-    assert main([*flag, "phases.fade.drop_items=0.8", "train.colour=1"]) == 2
+    assert main([*flag, "phases.fade.drop_items=0.8", "+phases.fade.ablate=0.1", "train.colour=1"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "'train.colour'" in error and "drop_items" not in error
+    assert main([*flag, "+phases.fade.colour=1"]) == 2          # organisms.train.phases: not a train key
+    assert capsys.readouterr().err.strip() == (
+        "error: phase fade sets colour, not train keys; allowed: " + ", ".join(sorted(make_cfg(
+            config_name="dual_organism").train)))
 
 
 # --- the shipped dual organism (organisms/dual_organism/, card: organisms/dual_organism/README.md): findings
