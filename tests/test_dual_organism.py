@@ -144,7 +144,7 @@ def short_run(tmp_path, *overrides, steps=2):
 
 # the losses of every step of `short_run` (recorded on the 2-core CPU that trained the shipped weights; a change
 # to the recipe, the data or the trainer changes them: record them again, with the card's pilots in mind)
-RECORDED_LOSSES = [[5.770869, 5.742155], [5.731803, 5.501757], [5.721237, 5.600607]]
+RECORDED_LOSSES = [[5.770869, 5.742155], [5.731803, 5.501757], [5.707514, 5.609208]]
 
 
 def test_a_short_run_of_every_phase_gives_the_recorded_losses_and_a_card_without_machine_paths(tmp_path):
@@ -198,7 +198,7 @@ def test_the_command_line_checks_keys_against_the_config_it_names(flag, capsys):
     command's own), and an unknown one is refused in one line naming it, before anything trains."""
     from organisms.train import main
 
-    assert main([*flag, "phases.fade.drop_items=0.8", "+phases.fade.ablate=0.1", "train.colour=1"]) == 2
+    assert main([*flag, "phases.fade.drop_items=0.8", "+phases.fade.offsets=true", "train.colour=1"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.count("\n") == 0 and "'train.colour'" in error and "drop_items" not in error
     assert main([*flag, "+phases.fade.colour=1"]) == 2          # organisms.train.phases: not a train key
@@ -218,22 +218,24 @@ def dual():
 @pytest.mark.slow
 def test_the_shipped_card_is_reproduced_by_its_evaluate_command():
     for name, numbers in reproduced_card("dual_organism").items():  # ... --config-name dual_organism evaluate=true
-        assert numbers["accuracy"] >= 0.9, name       # finding 1 (observed 0.99 / 0.99 / 1.00)
+        assert numbers["accuracy"] >= 0.9, name       # finding 1 (observed 0.96 / 0.95 / 0.99)
 
 
-def test_position_probes_read_the_items_place(dual, tmp_path):
-    """Finding 2 (Fig 4): position probes on the visual embeddings read the items' place (observed 1.00 / 0.99
-    horizontal / vertical on squares at 90 / 30 images); their strips are weak (agreement 0.40 / 0.37, the
-    finding's 0.6 not reached: see the card)."""
-    cfg = make_cfg("model=dual_organism", "setting=squares", "experiment=probes", f"embeddings_dir={tmp_path}")
+@pytest.mark.parametrize("setting", ["squares", "shapes", "objects"])
+def test_position_probes_read_the_items_place_and_their_strips(dual, tmp_path, setting):
+    """Finding 2 (Fig 4): position probes on the visual embeddings read the items' place (observed 1.00 on every
+    setting and orientation at 90 / 30 images), and the background tokens of a strip as their item's place
+    (strip agreement, horizontal / vertical: 0.75 / 0.80 squares, 0.81 / 0.82 shapes, 0.91 / 0.81 objects)."""
+    cfg = make_cfg("model=dual_organism", f"setting={setting}", "experiment=probes", f"embeddings_dir={tmp_path}")
     metrics, _ = probes(cfg, lambda: dual)
     for orientation in ("horizontal", "vertical"):
         assert metrics["probes"][orientation]["test_accuracy"] >= 0.9
+        assert metrics["probes"][orientation]["strip_agreement"] >= 0.6
 
 
 def test_strip_patching_moves_the_answer_where_object_patching_does_not(dual):
     """Finding 3 (Fig 7 against Fig 6), at the visual embeddings: strip patching gives the mirror's answer, object
-    patching never (observed P(swapped) 0.77 against 0.00 on squares, 16 pairs)."""
+    patching much less (observed P(swapped) 0.88 against 0.33 on squares, 16 pairs)."""
     swapped = {}
     for experiment in ("strip_patching", "object_patching"):
         cfg = make_cfg("model=dual_organism", "setting=squares", f"experiment={experiment}", "n_pairs=16",
@@ -247,7 +249,7 @@ def test_strip_patching_moves_the_answer_where_object_patching_does_not(dual):
 
 def test_ablating_vision_ordering_drops_accuracy_but_not_to_chance(dual):
     """Finding 4 (Table 2): isolated-item and empty-image embeddings in place of its own drop accuracy, not to
-    chance (observed 0.99 -> 0.58 on squares, n=96; 0.99 -> 0.75 on shapes)."""
+    chance (observed 0.98 -> 0.45 on squares, n=96; the paper's chance: one of 3 items, 0.33)."""
     cfg = make_cfg("model=dual_organism", "setting=squares", "experiment=ablation", "n=96")
     metrics, _ = ablation(cfg, lambda: dual)
     assert metrics["original"]["accuracy"] >= 0.9
@@ -255,8 +257,9 @@ def test_ablating_vision_ordering_drops_accuracy_but_not_to_chance(dual):
 
 
 def test_the_order_reaches_the_last_token_before_the_value(dual):
-    """Finding 6 (Fig 2) on squares: patching the last position moves the counterfactual's ordering at a middle
-    layer (observed P(b) 0.35 after layer 4) before it moves its value (P(e) 0.99 after layer 6)."""
+    """Finding 6 (Fig 2) on squares: patching the last position moves the counterfactual's ordering at an early
+    layer (observed P(b) 0.84 after layer 0 of 8) before it moves its value (P(e) 0.85 after layer 1, 0.96 at the
+    end)."""
     cfg = make_cfg("model=dual_organism", "setting=squares", "experiment=last_token", "n_pairs=16")
     metrics, _ = last_token(cfg, lambda: dual)
     ordering, value = metrics["outcomes"]["ordering"]["mean"], metrics["outcomes"]["value"]["mean"]
