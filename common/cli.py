@@ -72,8 +72,9 @@ NOT_OPTIONS = {"sweep": ("paper",)}
 # keys that name a results unit by themselves (results/<experiment>/<model>/<setting>/): sweeping them needs
 # no variant directory
 UNIT_KEYS = ("experiment", "model", "setting", "sweep")
-# where `+key=value` may add keys: the model's architecture is handed to transformers' config as it is
-OPEN_KEYS = ("model.architecture.",)
+# where `+key=value` may add keys: the model's architecture is handed to transformers' config as it is; a
+# training phase may set any `train` key (organisms.train.phases refuses the others, before anything loads)
+OPEN_KEYS = ("model.architecture.", "phases.")
 # launchers that come with Hydra and its launcher plugins, usable as hydra/launcher=<name> when installed
 PLUGIN_LAUNCHERS = {"basic": None, "joblib": "hydra_plugins.hydra_joblib_launcher",
                     "submitit_local": "hydra_plugins.hydra_submitit_launcher",
@@ -358,6 +359,18 @@ def _exit_code(value) -> int:
     return 0 if value is None else value if isinstance(value, int) else 1
 
 
+def named_config(args: list[str], default: str) -> str:
+    """The config a command line composes: Hydra's `--config-name NAME` (`--config-name=NAME`, `-cn NAME`), else
+    the command's own."""
+    for k, arg in enumerate(args):
+        for flag in ("--config-name", "-cn"):
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+            if arg == flag and k + 1 < len(args):
+                return args[k + 1]
+    return default
+
+
 def entrypoint(config_name: str = "config"):
     """Decorate `fn(cfg) -> "done" | "skipped" | None` into `main(argv=None) -> int`, a command over
     `configs/<config_name>.yaml` (Hydra; module docstring for what it checks and returns)."""
@@ -372,7 +385,7 @@ def entrypoint(config_name: str = "config"):
             args = list(sys.argv[1:] if argv is None else argv)
             quiet_output()
             try:
-                multirun = check_command_line(args, config_name)
+                multirun = check_command_line(args, named_config(args, config_name))
                 variant = swept_keys(args) if multirun else []
             except UsageError as err:
                 print(f"error: {err}", file=sys.stderr)

@@ -1,220 +1,340 @@
-"""Train the model organism: a small Qwen2VLForConditionalGeneration (a few-layer vision tower and LM, the
-real 336 x 336 input and 12 x 12 visual grid, the word-level tokenizer of vlm/twins.py) trained from scratch on the
-synthetic settings' questions, so that the experiments have a real mechanism to find on a laptop.
+"""Train an organism: a small VLM of a real class (its model config: configs/model/organism.yaml,
+dual_organism.yaml), trained from scratch on the synthetic settings' questions so that the experiments have a
+real mechanism to find on a laptop; its weights and card ship in organisms/<name>/.
 
     python -m organisms.train                                   # configs/organism.yaml -> organisms/organism/
+    python -m organisms.train --config-name dual_organism       # every phase in order -> organisms/dual_organism/
     python -m organisms.train train.steps=200 out=/tmp/organism # a short run elsewhere
     python -m organisms.train evaluate=true                     # held-out accuracy of organisms/organism/ (its card's)
 
-Data: every ordered triple of distinct items of each setting in `train.settings`, both orientations, both
-directions of each. A seeded `train.held_out` fraction of each setting's triples is never trained on: the
-test split. A step takes `train.batch_size / 2` images with both queried directions of each; the vision tower
-runs once per image. With `train.offsets`, each training image is redrawn with its line of items shifted by a
-random whole-token offset that still fits the grid (the test split keeps the centred layout the experiments
-use). Loss: cross-entropy of the answer's first token at the last input position. Evaluation scores the test
-split as the accuracy experiment scores. Writes the model, tokenizer, image processor and `card.json` (data,
-steps, seed, time, held-out accuracy per setting, direction and orientation) into `out` at every evaluation,
-whole (a temporary directory, renamed); a hand-written `*.md` card already there is kept.
+A training config holds `train` (data, optimiser, visual mix, starting weights) and, for a model trained in
+phases, `phases`: each phase's name and the `train` keys it changes, run in order, each with a fresh optimiser and
+learning-rate schedule, continuing from the previous phase's weights. `from_phase=NAME train.init_from=DIR`
+starts at a later phase from a checkpoint; `checkpoints=DIR` also keeps each phase's end model in DIR/<phase>.
+
+Data (organisms.data): the questions of every ordered item triple, both orientations and directions; a seeded
+fraction of the triples held out. Loss: cross-entropy of the answer's first token at the last input position.
+Each image's vision tower runs once for its questions; with `train.shared_prefix` (the adapter's
+shared_prefix_logits) so does the image and prompt prefix they share. Some images' visual embeddings can be
+replaced (organisms.mix.VisualMix). Evaluation scores the test split as the accuracy experiment scores. At every
+evaluation the model, tokenizer, image processor and `card.json` (command, commit, versions, data, each phase's
+steps, seconds and held-out accuracy; no machine path) are written into `out`.
 """
 
-import hashlib
-import itertools
 import json
 import math
-import shutil
+import subprocess
+import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from accuracy.experiment import accuracy_metrics
-from common.cli import CONFIG_DIR, entrypoint
-from common.errors import UsageError, check_choice
-from common.geometry import Grid, Layout, line_boxes, line_offsets, strip_box, token_indices
-from common.results import provenance
-from data_gen.pairs import empty_image, isolated_middle_image
-from data_gen.render import draw_scene
-from data_gen.settings import DIRECTIONS_OF, Setting
-from vlm.adapters import ADAPTERS
+from common.cli import entrypoint
+from common.errors import UsageError
+from common.geometry import Grid, Layout, token_indices
+from common.results import REPO, provenance
+from organisms.data import CachedImageProcessor, Questions, question_splits, synthetic_settings
+from organisms.mix import MixChoice, VisualMix
+from organisms.model import build, save
 from vlm.models import VLM, load_model, resolve_device
 from vlm.scoring import AnswerScorer, score_samples
-from vlm.twins import build_parts, initialise_zero_weights
 
 
-def question_splits(setting: Setting, grid: Grid, layout: Layout, held_out: float, seed: int):
-    """(train, test) Samples: every ordered triple of distinct items x orientation x queried direction, the
-    triples split at random (seeded) so that a `held_out` fraction of them appear only in the test split."""
-    triples = list(itertools.permutations(setting.item_names, 3))
-    order = np.random.default_rng(seed).permutation(len(triples))
-    n_test = max(1, round(held_out * len(triples)))
-    chosen = {"test": [triples[i] for i in order[:n_test]], "train": [triples[i] for i in order[n_test:]]}
-    return tuple([draw_scene(setting, grid, layout, orientation, triple, direction,
-                             id=f"{setting.name}_{'-'.join(triple)}_{orientation}_{direction}")
-                  for triple in chosen[split] for orientation, directions in DIRECTIONS_OF.items()
-                  for direction in directions] for split in ("train", "test"))
+def phases(cfg: DictConfig) -> list[tuple[str, DictConfig]]:
+    """[(name, train config)] in order: each phase's keys over `cfg.train`; one phase named `train` when the
+    config has no `phases`. Unknown keys and an unknown `from_phase` are refused by name."""
+    listed = cfg.get("phases") or {"train": {}}
+    out = []
+    for name, changes in listed.items():
+        changes = changes or {}
+        unknown = sorted(set(changes) - set(cfg.train))
+        if unknown:
+            raise UsageError(f"phase {name} sets {', '.join(unknown)}, not train keys; allowed: "
+                             f"{', '.join(sorted(cfg.train))}")
+        out.append((str(name), OmegaConf.merge(cfg.train, changes)))
+    start = cfg.get("from_phase")
+    if start is not None:
+        names = [name for name, _ in out]
+        if start not in names:
+            raise UsageError(f"from_phase={start} is not a phase of this config; allowed: {', '.join(names)}")
+        out = out[names.index(start):]
+    for _, tcfg in out:
+        VisualMix.from_config(tcfg)                 # probabilities checked before anything loads
+        if tcfg.steps < 1 or tcfg.eval_every < 1 or tcfg.batch_size < 2:
+            raise UsageError(f"train.steps, train.eval_every must be >= 1 and train.batch_size >= 2, got "
+                             f"{tcfg.steps}, {tcfg.eval_every}, {tcfg.batch_size}")
+    return out
 
 
-class CachedImageProcessor:
-    """The image processor, remembering each distinct image's patches (float16): the training set has a few
-    hundred images per setting, seen thousands of times."""
+class Trainee:
+    """The model under training with what a step needs: its adapter, the training questions, the model seen as
+    the experiments see a loaded one (`vlm`, for evaluation and the mix's source embeddings), and as a step
+    encodes it (`encoder`: the pixels of the fixed images cached when `train.cache_pixels`)."""
 
-    def __init__(self, processor):
-        self.processor, self.merge_size = processor, processor.merge_size
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, cfg: DictConfig, start: DictConfig):
+        mcfg = cfg.model
+        self.device = resolve_device(cfg.device)
+        self.grid, self.layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
+        self.adapter, tokenizer, image_processor, model = build(cfg, start)
+        self.model = model.to(self.device)
+        self.questions = Questions(start, self.grid, self.layout, cfg.seed, tokenizer)
+        self.vlm = VLM(mcfg.name, self.adapter, self.model, tokenizer, image_processor, self.grid, self.layout,
+                       cfg.system_prompt)
+        pixels = CachedImageProcessor(image_processor) if start.cache_pixels and not start.offsets else image_processor
+        self.encoder = VLM(mcfg.name, self.adapter, self.model, tokenizer, pixels, self.grid, self.layout,
+                           cfg.system_prompt)
 
-    def __call__(self, images, return_tensors="pt"):
-        parts = [self._one(image) for image in images]
-        return {"pixel_values": torch.cat([p for p, _ in parts]).float(),
-                "image_grid_thw": torch.cat([g for _, g in parts])}
+    def image_tokens(self, inputs, rows: torch.Tensor) -> torch.Tensor:
+        """(len(rows), tokens, hidden) visual embeddings of the images of rows `rows` of `inputs`, with gradient."""
+        features = self.adapter.image_features(self.model, self.adapter.image_rows(inputs, rows)).pooler_output
+        if isinstance(features, (tuple, list)):
+            features = torch.cat(list(features))
+        return self.adapter.visual_tokens(features, self.grid.n_tokens)
 
-    def _one(self, image):
-        key = hashlib.sha1(image.tobytes()).hexdigest()
-        if key not in self._cache:
-            out = self.processor(images=[image], return_tensors="pt")
-            self._cache[key] = (out["pixel_values"].half(), out["image_grid_thw"])
-        return self._cache[key]
+    @torch.no_grad()
+    def plain_tokens(self, images) -> torch.Tensor:
+        """(n, tokens, hidden) visual embeddings of PIL `images` as the model is now, no gradient (the sources of
+        ablated and item-dropped embeddings)."""
+        return self.encoder.image_embeddings(list(images), len(images))
+
+    def logits(self, images: list[list], mix: VisualMix, choice: MixChoice, rng: np.random.Generator,
+               shared_prefix: bool, image_only: bool = False, items_only: bool = False,
+               jitter: int = 0) -> torch.Tensor:
+        """Last-position logits of every question of `images` (lists of the questions of one image): the vision
+        tower runs once per image and `mix` replaces some images' visual embeddings as `choice` says. With
+        `image_only`, gradients reach the parameters only through the sequence up to the image's last token: the
+        rest (the prompt, where the answer is read) runs on detached parameters. With `items_only`, every visual
+        token outside the items is hidden from attention (masked as padding is). With `jitter`, the text after each
+        image sits 0..jitter positions (drawn per image) further from it (as if that many hidden tokens stood
+        between), so where the answer is read cannot tell the items' places from its distance to them."""
+        questions = [s for group in images for s in group]
+        inputs = dict(self.encoder.encode([s.image for s in questions], [s.prompt for s in questions]))
+        sizes = [len(group) for group in images]
+        firsts = torch.tensor(np.cumsum([0] + sizes[:-1]), device=self.device)
+        tokens = self.image_tokens(inputs, firsts)
+        if mix.active:
+            tokens = mix.apply(tokens, [group[0] for group in images], choice, self.questions.settings, self.grid,
+                               self.layout, self.plain_tokens, rng)
+        if items_only:
+            inputs["attention_mask"] = self.items_only_mask(inputs, images)
+        if image_only or jitter:
+            image_end = int((inputs["input_ids"] == self.vlm.image_token_id).nonzero()[:, 1].max()) + 1
+            shift = torch.from_numpy(rng.integers(0, jitter + 1, len(images))) if jitter else None
+            continuation = None
+            if image_only:
+                detached = {name: param.detach() for name, param in self.model.named_parameters()}
+                continuation = lambda **kwargs: torch.func.functional_call(self.model, detached, (), kwargs)  # noqa: E731
+            return self.adapter.shared_prefix_logits(self.model, inputs, tokens, sizes, upto=image_end, shift=shift,
+                                                     continuation=continuation)
+        if shared_prefix:
+            return self.adapter.shared_prefix_logits(self.model, inputs, tokens, sizes)
+        owner = torch.repeat_interleave(torch.arange(len(sizes), device=self.device),
+                                        torch.tensor(sizes, device=self.device))
+        return self.adapter.forward(self.model, inputs, tokens[owner], logits_to_keep=1).logits[:, -1]
+
+    def items_only_mask(self, inputs, images: list[list]) -> torch.Tensor:
+        """The attention mask of `inputs` with every visual token of each row but its image's items' set to 0."""
+        mask = inputs["attention_mask"].clone()
+        positions = self.vlm.visual_token_positions(inputs["input_ids"])
+        row = 0
+        for group in images:
+            items = {i for item in group[0].items for i in token_indices(self.grid, item.token_box)}
+            hidden = torch.tensor([k for k in range(self.grid.n_tokens) if k not in items], device=mask.device)
+            for _ in group:
+                mask[row, positions[row, hidden]] = 0
+                row += 1
+        return mask
+
+    def step_loss(self, images: list[list], mix: VisualMix, rng: np.random.Generator, tcfg: DictConfig) -> float:
+        """Accumulate the gradient of one training batch's mean loss; returns the loss. With `train.ablate_layers`
+        = k, the ablated images' share of it reaches only the LM's first k decoder layers, through what they
+        compute at the image's tokens (`logits(..., image_only=True)`; run first, the other parameters'
+        gradients dropped before the rest of the batch adds its own): the answer is still read by the layers
+        and positions trained on the other images, so these layers must write the order the LM finds from where
+        the tokens sit into the tokens, as the vision tower writes it."""
+        choice = mix.choose(rng, len(images))
+        parts = [(np.arange(len(images)), False)]
+        if tcfg.ablate_layers is not None and choice.ablated.any():
+            parts = [(np.flatnonzero(choice.ablated), True), (np.flatnonzero(~choice.ablated), False)]
+        total, value = sum(len(group) for group in images), 0.0
+        for index, routed in parts:
+            if len(index) == 0:
+                continue
+            part = [images[i] for i in index]
+            logits = self.logits(part, mix, choice.subset(index), rng, tcfg.shared_prefix, image_only=routed,
+                                 items_only=routed and tcfg.ablate_items_only,
+                                 jitter=tcfg.jitter)
+            answers = self.questions.answer_ids([s for group in part for s in group], self.device)
+            loss = F.cross_entropy(logits.float(), answers) * (len(answers) / total)
+            loss.backward()
+            if routed:
+                kept = self.layer_parameters(tcfg.ablate_layers)
+                for param in self.model.parameters():
+                    if id(param) not in kept:
+                        param.grad = None
+            value += loss.item()
+        return value
+
+    def vision_parameters(self) -> set[int]:
+        """ids of the parameters the visual embeddings depend on and the LM does not: the vision tower and the
+        projector (everything outside the LM decoder and its output head)."""
+        language = {id(p) for p in self.adapter.language_model(self.model).parameters()}
+        language |= {id(p) for p in self.model.get_output_embeddings().parameters()}
+        return {id(p) for p in self.model.parameters() if id(p) not in language}
+
+    def layer_parameters(self, k: int) -> set[int]:
+        """ids of the parameters of the LM's first `k` decoder layers."""
+        layers = self.adapter.decoder_layers(self.model)
+        if not 1 <= k <= len(layers):
+            raise UsageError(f"train.ablate_layers={k} must be in 1..{len(layers)} (the LM's decoder layers)")
+        return {id(p) for layer in list(layers)[:k] for p in layer.parameters()}
+
+    def held_out(self, batch_size: int) -> dict:
+        return held_out_accuracy(self.vlm, self.questions.settings, self.questions.test, batch_size)
 
 
-def init_vision_positions(model, how: str) -> None:
-    """Start a SigLIP tower's learned absolute position embeddings (one row per patch, row-major) from a 2-D sine
-    / cosine table (`how` = sincos): half the channels for the patch's row, half for its column, each as sin and
-    cos at geometric frequencies 1 .. 1/100. The default random rows are ~10x smaller than a patch's content
-    embedding, so order starts as a faint signal; these are as large as the content and smooth across the grid.
-    Still trained from there."""
-    check_choice("train.vision_position_init", how, ("sincos",))
-    embeddings = getattr(getattr(model.model, "vision_tower", None), "embeddings", None)
-    if embeddings is None or not hasattr(embeddings, "position_embedding"):
-        raise UsageError("train.vision_position_init needs a vision tower with learned absolute position embeddings "
-                         "(Gemma 3's SigLIP)")
-    weight = embeddings.position_embedding.weight
-    side, dim = round(weight.shape[0] ** 0.5), weight.shape[1]
-    quarter = dim // 4
-    freq = 100.0 ** (-torch.arange(quarter, dtype=torch.float32) / max(1, quarter - 1))
-    one_axis = torch.arange(side, dtype=torch.float32)[:, None] * freq                  # (side, quarter)
-    one_axis = torch.cat([one_axis.sin(), one_axis.cos()], 1)                            # (side, 2 * quarter)
-    table = torch.zeros(side, side, dim)
-    table[..., :4 * quarter] = torch.cat([one_axis[:, None].expand(side, side, -1),
-                                          one_axis[None, :].expand(side, side, -1)], -1)
-    with torch.no_grad():
-        weight.copy_(table.reshape(side * side, dim))
+def train_phase(trainee: Trainee, name: str, tcfg: DictConfig, rng: np.random.Generator, on_eval) -> dict:
+    """Train `trainee` for one phase (a fresh AdamW, linear warm-up then cosine decay to 0 at `tcfg.steps`);
+    `on_eval(record)` after every evaluation. Returns the phase's record for the card."""
+    model, questions = trainee.model, trainee.questions
+    mix = VisualMix.from_config(tcfg)
+    n_images = max(1, tcfg.batch_size // questions.questions_per_image)
+    vision = trainee.vision_parameters()
+    groups = [{"params": [p for p in model.parameters() if id(p) not in vision], "lr": tcfg.lr}]
+    if tcfg.vision_lr > 0:
+        groups.append({"params": [p for p in model.parameters() if id(p) in vision], "lr": tcfg.lr * tcfg.vision_lr})
+    optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    for param in model.parameters():                # vision_lr 0: the vision tower and projector stay as they are
+        param.requires_grad_(tcfg.vision_lr > 0 or id(param) not in vision)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / tcfg.warmup_steps)
+                                                 * 0.5 * (1 + math.cos(math.pi * min(step, tcfg.steps) / tcfg.steps)))
+    record = {"name": name, "steps": 0, "planned_steps": tcfg.steps, "seconds": 0.0, "cpu_seconds": 0.0,
+              "visual_mix": {**mix.card(), "ramp_steps": tcfg.mix_ramp_steps},
+              **{key: tcfg[key] for key in ("batch_size", "lr", "vision_lr", "weight_decay", "warmup_steps",
+                                            "offsets", "ablate_layers", "shared_prefix")},
+              "losses": [], "history": []}
+    start, cpu_start = time.time(), time.process_time()
+    model.train()
+    progress = tqdm(range(tcfg.steps), desc=f"training the organism ({name})", unit="step")
+    for step in progress:
+        images = questions.draw(rng, n_images, tcfg.offsets)
+        optimizer.zero_grad(set_to_none=True)
+        loss = trainee.step_loss(images, mix.at(step, tcfg.mix_ramp_steps), rng, tcfg)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        schedule.step()
+        progress.set_postfix(loss=f"{loss:.3f}")
+        record["losses"].append(round(loss, 6))
+        if (step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.steps:
+            report = trainee.held_out(tcfg.batch_size)
+            record.update(steps=step + 1, seconds=round(time.time() - start, 1),
+                          cpu_seconds=round(time.process_time() - cpu_start, 1), held_out=report)
+            record["history"].append({"step": step + 1, "loss": loss, "seconds": record["seconds"],
+                                      "held_out_accuracy": {k: v["accuracy"] for k, v in report.items()}})
+            tqdm.write(f"{name} step {step + 1}: loss {loss:.3f}, held-out accuracy "
+                       + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in report.items()))
+            on_eval(record)
+            model.train()
+    return record
 
 
-def init_residual_branches(model, adapter, scale: float) -> None:
-    """Start every LM layer's residual branches at `scale` x their normalised output (Gemma 3's post-attention and
-    post-feed-forward RMSNorms, whose gain is 1 + weight). Gemma 3 adds unit-RMS branch outputs to a residual
-    stream that starts at the embeddings' scale; at gain 1 the first layers' mostly shared updates drown what
-    tells one visual token from another."""
-    if not 0.0 < scale <= 1.0:
-        raise UsageError(f"train.residual_init must be in (0, 1], got {scale}")
-    with torch.no_grad():
-        for layer in adapter.decoder_layers(model):
-            for name in ("post_attention_layernorm", "post_feedforward_layernorm"):
-                norm = getattr(layer, name, None)
-                if norm is None:
-                    raise UsageError(f"train.residual_init needs Gemma 3's post-norms; {type(layer).__name__} "
-                                     f"has no {name}")
-                norm.weight.fill_(scale - 1.0)
+def train(cfg: DictConfig, command: str | None = None) -> dict:
+    """Run every phase of `cfg` in order (or from `cfg.from_phase`) and return the card written into `cfg.out`."""
+    plan = phases(cfg)
+    threads = torch.get_num_threads()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        return train_phases(cfg, plan, command)
+    finally:
+        torch.set_num_threads(threads)
 
 
-class VisualMix:
-    """What the LM is shown in place of some training images' own visual embeddings (train.shuffle, train.ablate,
-    train.drop_items; configs/dual_organism.yaml says why). Per training image, one of:
-    - ablated (probability `ablate`): every item's tokens <- the same item's tokens from an image where it sits
-      alone in the middle, every other token <- the empty image's (the ablation experiment's operation, with
-      the model as it is at that step): the visual embeddings carry no order, only where tokens sit;
-    - shuffled (probability `shuffle`): the visual tokens permuted at random among the image slots, so where a
-      token sits says nothing and only what the vision tower wrote into it carries order;
-    - strips permuted (probability `permute_strips`): the three items' strips (strip patching's regions) change
-      places, each strip's tokens kept in their order, the answer still the drawn image's: where the tokens sit
-      tells a coherent but wrong order, and the LM learns to follow what the tokens carry (strip patching at
-      the visual embeddings then moves the answer, Fig 7);
-    - as drawn (otherwise).
-    Images not ablated have each item's own tokens replaced by the empty image's with probability `drop_items`
-    per item (before any shuffle), so the answer has to come from the tokens around the item."""
+def train_phases(cfg: DictConfig, plan, command: str | None) -> dict:
+    torch.manual_seed(cfg.seed)
+    trainee = Trainee(cfg, plan[0][1])
+    done, began = [], time.time()
+    source = {**provenance(cfg), "uncommitted_changes": uncommitted_changes(cfg.out)}    # the code as it started
 
-    # the five orders of three strips other than their own (strip at place p <- strip order[p])
-    PERMUTATIONS = ((1, 0, 2), (0, 2, 1), (2, 1, 0), (1, 2, 0), (2, 0, 1))
+    def card(current: dict | None = None) -> dict:
+        records = done + ([current] if current is not None else [])
+        return training_card(cfg, trainee, plan, records, command, time.time() - began, source)
 
-    def __init__(self, shuffle: float = 0.0, ablate: float = 0.0, drop_items: float = 0.0,
-                 permute_strips: float = 0.0):
-        for name, value in (("shuffle", shuffle), ("ablate", ablate), ("drop_items", drop_items),
-                            ("permute_strips", permute_strips)):
-            if not 0.0 <= value <= 1.0:
-                raise UsageError(f"train.{name} must be a probability in [0, 1], got {value}")
-        if shuffle + ablate + permute_strips > 1.0:
-            raise UsageError(f"train.shuffle + train.ablate + train.permute_strips must be at most 1, got "
-                             f"{shuffle} + {ablate} + {permute_strips}")
-        self.shuffle, self.ablate, self.drop_items, self.permute_strips = shuffle, ablate, drop_items, permute_strips
+    def write(current: dict) -> None:
+        save(trainee.model, trainee.vlm.tokenizer, trainee.vlm.image_processor, card(current), Path(cfg.out))
 
-    @classmethod
-    def from_config(cls, tcfg: DictConfig) -> "VisualMix":
-        return cls(tcfg.shuffle, tcfg.ablate, tcfg.drop_items, tcfg.permute_strips)
+    for name, tcfg in plan:
+        # seeded by the phase's name: a phase run alone (from_phase) draws what it draws in a full run
+        rng = np.random.default_rng([cfg.seed, zlib.crc32(name.encode())])
+        done.append(train_phase(trainee, name, tcfg, rng, write))
+        if cfg.get("checkpoints"):
+            save(trainee.model, trainee.vlm.tokenizer, trainee.vlm.image_processor, card(),
+                 Path(cfg.checkpoints) / name)
+    final = card()
+    save(trainee.model, trainee.vlm.tokenizer, trainee.vlm.image_processor, final, Path(cfg.out))
+    return final
 
-    def at(self, step: int, ramp_steps: int) -> "VisualMix":
-        """The mix at training step `step`: every probability grows linearly from 0 to its own over the first
-        `ramp_steps` steps (0: from the start)."""
-        scale = min(1.0, step / ramp_steps) if ramp_steps else 1.0
-        return VisualMix(self.shuffle * scale, self.ablate * scale, self.drop_items * scale,
-                         self.permute_strips * scale)
 
-    @property
-    def active(self) -> bool:
-        return self.shuffle > 0 or self.ablate > 0 or self.drop_items > 0 or self.permute_strips > 0
+def training_card(cfg: DictConfig, trainee: Trainee, plan, records: list[dict], command: str | None,
+                  seconds: float, source: dict) -> dict:
+    """card.json: what was trained, by which command at which commit (`source`: provenance and uncommitted
+    changes when training started), each phase's steps, seconds and evaluations, the last held-out accuracy;
+    every path in it relative to the repository (or marked outside)."""
+    model = trainee.model
+    config = OmegaConf.to_container(cfg, resolve=True)
+    started = plan[0][1]
+    return {
+        "model": cfg.model.name, "class": type(model).__name__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "command": command,
+        "git_commit": source["git_commit"], "uncommitted_changes": source["uncommitted_changes"],
+        "versions": source["versions"], "threads": torch.get_num_threads(), "device": str(trainee.device),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S")
+        if len(records) == len(plan) and records[-1]["steps"] == plan[-1][1].steps else None,
+        "seconds": round(seconds, 1),               # wall clock; cpu_seconds: summed over threads
+        "cpu_seconds": round(sum(r["cpu_seconds"] for r in records), 1),
+        "seed": cfg.seed,
+        "started_from": scrub(started.init_from) if started.init_from else "scratch",
+        "data": trainee.questions.card(),
+        "steps": sum(r["steps"] for r in records),
+        "phases": records,
+        "held_out": records[-1].get("held_out") if records else None,
+        "config": scrub(config),
+    }
 
-    def card(self) -> dict:
-        return {"shuffle": self.shuffle, "ablate": self.ablate, "drop_items": self.drop_items,
-                "permute_strips": self.permute_strips}
 
-    def apply(self, tokens: torch.Tensor, samples: list, settings: dict, grid: Grid, layout: Layout, embed,
-              rng: np.random.Generator) -> torch.Tensor:
-        """`tokens` (images, tokens, hidden) of `samples` (one per image) after the mix; `embed(images)` gives
-        plain visual embeddings (no gradient) of source images."""
-        modes = rng.choice(4, size=len(samples), p=[self.ablate, self.shuffle, self.permute_strips,
-                                                     1.0 - self.ablate - self.shuffle - self.permute_strips])
-        dropped = rng.random((len(samples), 3)) < self.drop_items
-        dropped[modes == 0] = False
-        needs = sorted({s.setting for s, mode, drop in zip(samples, modes, dropped, strict=True)
-                        if mode == 0 or drop.any()})
-        empty = dict(zip(needs, embed([empty_image(grid, settings[name].background) for name in needs]),
-                         strict=True)) if needs else {}
-        keys = sorted({(s.setting, s.orientation, item.name) for s, mode in zip(samples, modes, strict=True)
-                       if mode == 0 for item in s.items})
-        isolated = {}
-        if keys:
-            images = [isolated_middle_image(settings[name], grid, layout, orientation, item).image
-                      for name, orientation, item in keys]
-            isolated = dict(zip(keys, embed(images), strict=True))
-        out = []
-        for k, (sample, mode) in enumerate(zip(samples, modes, strict=True)):
-            own = tokens[k]
-            if mode == 0:
-                own = empty[sample.setting].clone()
-                middle = token_indices(grid, line_boxes(grid, layout, sample.orientation)[1])
-                for item in sample.items:
-                    source = isolated[(sample.setting, sample.orientation, item.name)]
-                    own[token_indices(grid, item.token_box)] = source[middle]
-            elif dropped[k].any():
-                keep = torch.ones(own.shape[0], 1, device=own.device)
-                for item, drop in zip(sample.items, dropped[k], strict=True):
-                    if drop:
-                        keep[token_indices(grid, item.token_box)] = 0.0
-                own = own * keep + empty[sample.setting] * (1.0 - keep)
-            if mode == 1:
-                own = own[torch.from_numpy(rng.permutation(own.shape[0])).to(own.device)]
-            elif mode == 2:
-                strips = [token_indices(grid, strip_box(grid, layout, item.token_box, sample.orientation))
-                          for item in sample.items]
-                order = self.PERMUTATIONS[rng.integers(len(self.PERMUTATIONS))]
-                index = torch.arange(own.shape[0], device=own.device)
-                for place, source in enumerate(order):
-                    index[strips[place]] = torch.tensor(strips[source], device=own.device)
-                own = own[index]
-            out.append(own)
-        return torch.stack(out)
+def scrub(value):
+    """`value` (a config as plain containers, or one string) with every absolute path made relative to the
+    repository, or marked `<outside the repository>`: a card names no machine path."""
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else "<outside the repository>"
+    return value
+
+
+def uncommitted_changes(out) -> bool | None:
+    """Whether tracked files other than those under `out` differ from the commit (None: not a git checkout)."""
+    exclude = []
+    if Path(out).resolve().is_relative_to(REPO):
+        exclude = [f":(exclude){Path(out).resolve().relative_to(REPO)}"]
+    try:
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *exclude],
+                                cwd=REPO, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return bool(status.strip())
 
 
 def held_out_accuracy(vlm: VLM, settings: dict, test: dict, batch_size: int) -> dict:
@@ -233,163 +353,22 @@ def held_out_accuracy(vlm: VLM, settings: dict, test: dict, batch_size: int) -> 
     return report
 
 
-def question_sets(cfg: DictConfig, grid: Grid, layout: Layout) -> tuple[dict, dict]:
-    """(setting name -> Setting, setting name -> (train, test) questions) for the settings in `cfg.train.settings`."""
-    configs = {path.stem: OmegaConf.load(path) for path in sorted((Path(CONFIG_DIR) / "setting").glob("*.yaml"))}
-    synthetic = [name for name, config in configs.items() if config.get("source", "synthetic") == "synthetic"]
-    for name in cfg.train.settings:
-        check_choice("train.settings entry", name, synthetic)
-    settings = {name: Setting.from_config(configs[name]) for name in cfg.train.settings}
-    return settings, {name: question_splits(setting, grid, layout, cfg.train.held_out, cfg.seed)
-                      for name, setting in settings.items()}
-
-
 def evaluate(cfg: DictConfig) -> dict:
     """The held-out accuracy of the model at `cfg.model.path` (the numbers of its card), without training."""
     vlm = load_model(cfg)
-    settings, splits = question_sets(cfg, vlm.grid, vlm.layout)
-    return held_out_accuracy(vlm, settings, {name: test for name, (_, test) in splits.items()}, cfg.batch_size)
+    settings = synthetic_settings(cfg.train.settings)
+    test = {name: question_splits(setting, vlm.grid, vlm.layout, cfg.train.held_out, cfg.seed)[1]
+            for name, setting in settings.items()}
+    return held_out_accuracy(vlm, settings, test, cfg.batch_size)
 
 
-def train(cfg: DictConfig) -> dict:
-    mcfg, tcfg = cfg.model, cfg.train
-    check_choice("organism family", mcfg.family, ("qwen2vl", "gemma3"))
-    mix = VisualMix.from_config(tcfg)
-    device = resolve_device(cfg.device)
-    grid, layout = Grid(**mcfg.grid), Layout(**mcfg.layout)
-    adapter = ADAPTERS[mcfg.family](mcfg.modules)
-    tokenizer, image_processor, config = build_parts(adapter, mcfg, cfg.system_prompt)
-    adapter.fit_image_processor(image_processor, grid)
-    tokenizer.padding_side = "left"
-    torch.manual_seed(cfg.seed)
-    if tcfg.init_from:          # go on from an earlier run's checkpoint (same architecture and tokenizer)
-        model = adapter.model_class.from_pretrained(tcfg.init_from, attn_implementation=mcfg.attn_implementation)
-        if model.get_input_embeddings().num_embeddings != config.text_config.vocab_size:
-            raise UsageError(f"train.init_from={tcfg.init_from} has another vocabulary than model {mcfg.name}")
-    else:
-        model = adapter.model_class._from_config(config, attn_implementation=mcfg.attn_implementation)
-        initialise_zero_weights(model, config)
-        if tcfg.vision_position_init:
-            init_vision_positions(model, tcfg.vision_position_init)
-        if tcfg.residual_init is not None:
-            init_residual_branches(model, adapter, float(tcfg.residual_init))
-    model.to(device).train()
-
-    settings, splits = question_sets(cfg, grid, layout)
-    train_set = [sample for train_split, _ in splits.values() for sample in train_split]
-    test = {name: test_split for name, (_, test_split) in splits.items()}
-    by_image: dict[str, list] = {}          # an image's questions (both queried directions of its orientation)
-    for sample in train_set:
-        by_image.setdefault(sample.id.rsplit("_", 1)[0], []).append(sample)
-    train_images = list(by_image.values())
-    n_images = max(1, tcfg.batch_size // len(train_images[0]))
-    target = {s.answer: tokenizer(s.answer, add_special_tokens=False)["input_ids"][0] for s in train_set}
-    # the model under training, seen as the experiments see a loaded one (`vlm`, which evaluation uses), and
-    # with the fixed images' pixels cached for the training steps (`trained`)
-    # (Qwen2-VL's processor only: Gemma 3's is cheap on the organism's small images and its processor class
-    # checks the image processor's type)
-    pixels = CachedImageProcessor(image_processor) if not tcfg.offsets and mcfg.family == "qwen2vl" else image_processor
-    vlm = VLM(mcfg.name, adapter, model, tokenizer, image_processor, grid, layout, cfg.system_prompt)
-    trained = VLM(mcfg.name, adapter, model, tokenizer, pixels, grid, layout, cfg.system_prompt)
-    offsets = {o: line_offsets(grid, layout, o) for o in DIRECTIONS_OF}
-
-    def shifted(group):
-        """The questions of one image, redrawn with its line of items at one random offset."""
-        first = group[0]
-        d_row, d_col = offsets[first.orientation][rng.integers(len(offsets[first.orientation]))]
-        return [draw_scene(settings[s.setting], grid, layout, s.orientation, [item.name for item in s.items],
-                           s.direction, offset=(d_row, d_col)) for s in group]
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / tcfg.warmup_steps)
-                                                 * 0.5 * (1 + math.cos(math.pi * min(step, tcfg.steps) / tcfg.steps)))
-    rng = np.random.default_rng(cfg.seed)
-    history, start = [], time.time()
-
-    def checkpoint(step: int, report: dict) -> dict:
-        """Save the model as it is now, with its card, so a long run that stops keeps its last evaluation."""
-        card = {
-            "model": mcfg.name, "class": adapter.model_class.__name__,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "data": {name: {"train_questions": len(train_split), "test_questions": len(test_split),
-                            "held_out_fraction": tcfg.held_out} for name, (train_split, test_split) in splits.items()},
-            "steps": step, "planned_steps": tcfg.steps, "init_from": tcfg.init_from, "offsets": tcfg.offsets,
-            "visual_mix": {**mix.card(), "ramp_steps": tcfg.mix_ramp_steps}, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
-            "seed": cfg.seed, "device": str(device), "seconds": round(time.time() - start, 1),
-            "held_out": report, "history": history, "provenance": provenance(cfg),
-        }
-        save(model, tokenizer, image_processor, card, Path(cfg.out))
-        model.to(device).train()
-        return card
-
-    n_tokens = grid.rows * grid.cols
-
-    def visual_tokens_of(inputs, rows) -> torch.Tensor:
-        """(len(rows), tokens, hidden) visual embeddings of the images of rows `rows` of `inputs`, with gradient."""
-        features = adapter.image_features(model, adapter.image_rows(inputs, rows)).pooler_output
-        if isinstance(features, (tuple, list)):
-            features = torch.cat(list(features))
-        return adapter.visual_tokens(features, n_tokens)
-
-    @torch.no_grad()
-    def plain_tokens(images) -> torch.Tensor:
-        """(n, tokens, hidden) visual embeddings of PIL `images` as the model is now, no gradient (the sources
-        of ablated and item-dropped embeddings)."""
-        return trained.image_embeddings(list(images), len(images))
-
-    def logits_of(images: list[list], step: int) -> torch.Tensor:
-        """Last-position logits of every question of `images` (lists of questions on one image each): the
-        vision tower runs once per image, its output shared by that image's questions, after the visual mix at
-        this step (shuffled, ablated or item-dropped visual embeddings for some images)."""
-        questions = [s for group in images for s in group]
-        inputs = dict(trained.encode([s.image for s in questions], [s.prompt for s in questions]))
-        firsts = torch.tensor(np.cumsum([0] + [len(group) for group in images[:-1]]), device=device)
-        tokens = visual_tokens_of(inputs, firsts)
-        now = mix.at(step, tcfg.mix_ramp_steps)
-        if now.active:
-            tokens = now.apply(tokens, [group[0] for group in images], settings, grid, layout, plain_tokens, rng)
-        shared = torch.cat([tokens[i:i + 1].expand(len(group), -1, -1) for i, group in enumerate(images)])
-        return adapter.forward(model, inputs, shared, logits_to_keep=1).logits[:, -1]
-
-    card = None
-    progress = tqdm(range(tcfg.steps), desc="training the organism", unit="step")
-    for step in progress:
-        images = [train_images[i] for i in rng.choice(len(train_images), n_images, replace=False)]
-        if tcfg.offsets:            # true: every image shifted; a number in (0, 1): that fraction of them
-            share = 1.0 if tcfg.offsets is True else float(tcfg.offsets)
-            images = [shifted(group) if rng.random() < share else group for group in images]
-        batch = [s for group in images for s in group]
-        logits = logits_of(images, step)
-        loss = F.cross_entropy(logits.float(), torch.tensor([target[s.answer] for s in batch], device=device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
-        schedule.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}")
-        if (step + 1) % tcfg.eval_every == 0 or step + 1 == tcfg.steps:
-            report = held_out_accuracy(vlm, settings, test, tcfg.batch_size)
-            history.append({"step": step + 1, "loss": loss.item(), "seconds": round(time.time() - start, 1),
-                            "held_out_accuracy": {k: v["accuracy"] for k, v in report.items()}})
-            tqdm.write(f"step {step + 1}: loss {loss.item():.3f}, held-out accuracy "
-                       + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in report.items()))
-            card = checkpoint(step + 1, report)
-    return card
-
-
-def save(model, tokenizer, image_processor, card: dict, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.to("cpu").eval()
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    (tmp / "card.json").write_text(json.dumps(card, indent=1))
-    if out.exists():
-        for path in out.glob("*.md"):          # a hand-written card beside the weights stays
-            shutil.copy(path, tmp / path.name)
-        shutil.rmtree(out)
-    tmp.rename(out)
+def command_line() -> str:
+    """The command that ran, as typed (config name and overrides), for the card."""
+    hydra = HydraConfig.get()
+    name = hydra.job.config_name
+    parts = ["python -m organisms.train"] + ([f"--config-name {name}"] if name != "organism" else [])
+    overrides = [f"{key}={scrub(value)}" for key, _, value in (o.partition("=") for o in hydra.overrides.task)]
+    return " ".join(parts + overrides)
 
 
 @entrypoint("organism")
@@ -397,9 +376,9 @@ def main(cfg: DictConfig) -> None:
     if cfg.evaluate:
         print(json.dumps(evaluate(cfg), indent=1))
         return
-    card = train(cfg)
+    card = train(cfg, command_line())
     print(json.dumps(card["held_out"], indent=1))
-    print(f"organism saved to {cfg.out}")
+    print(f"organism saved to {cfg.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

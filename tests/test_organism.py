@@ -11,10 +11,12 @@ import torch
 from common.errors import UsageError
 from common.geometry import Grid, Layout, line_boxes, line_offsets, strip_box
 from data_gen.pairs import mirror_pairs
-from data_gen.settings import Setting
-from organisms.train import question_splits, train
+from data_gen.render import draw_scene, random_samples
+from data_gen.settings import DIRECTIONS_OF, Setting
+from organisms.data import question_splits
+from organisms.train import train
 from patching.experiments import ablation, last_token, mirror_patching
-from tests.helpers import make_cfg, reproduced_card
+from tests.helpers import TWINS, load_twin, make_cfg, reproduced_card
 from vlm.interventions import VISUAL, Apply
 from vlm.models import load_model
 from vlm.scoring import AnswerScorer
@@ -57,6 +59,40 @@ def test_line_offsets_are_every_shift_that_fits():
         [strip_box(grid, layout, box, "horizontal") for box in boxes]
     vertical = line_offsets(grid, layout, "vertical")
     assert {d_row for d_row, _ in vertical} == {0} and len(vertical) == 11
+
+
+def one_image_questions(vlm, seed: int = 1):
+    """Three images (both orientations), with both queried directions of the first two and one of the third:
+    groups of 2, 2 and 1 questions, rows of two lengths (so left padding)."""
+    squares = Setting.from_config(make_cfg("setting=squares").setting)
+    images = random_samples(squares, vlm.grid, vlm.layout, 3, seed=seed, orientations=("horizontal", "vertical"))
+    groups = [[draw_scene(squares, vlm.grid, vlm.layout, s.orientation, [i.name for i in s.items], d)
+               for d in DIRECTIONS_OF[s.orientation]] for s in images]
+    return images, groups[:2] + [groups[2][:1]]
+
+
+@pytest.mark.parametrize("name", TWINS)
+def test_the_shared_prefix_forward_equals_one_forward_per_question(name):
+    """adapter.shared_prefix_logits (train.shared_prefix): the image and prompt prefix run once per image, the
+    questions continue from its keys and values; logits and gradients equal the plain forward of every question
+    with its image's visual tokens, and the shared part covers the whole image."""
+    vlm = load_twin(name)
+    images, groups = one_image_questions(vlm)
+    questions = [q for group in groups for q in group]
+    assert len({o for o in (s.orientation for s in images)}) == 2
+    inputs = vlm.encode([q.image for q in questions], [q.prompt for q in questions])
+    sizes = [len(group) for group in groups]
+    visual = vlm.image_embeddings([s.image for s in images], 3).requires_grad_(True)
+    owner = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    plain = vlm.adapter.forward(vlm.model, inputs, visual[owner], logits_to_keep=1).logits[:, -1].float()
+    shared = vlm.adapter.shared_prefix_logits(vlm.model, inputs, visual, sizes).float()
+    assert torch.allclose(shared, plain, atol=1e-5, rtol=1e-4)
+    last_image = int((inputs["input_ids"] == vlm.image_token_id).nonzero()[:, 1].max())
+    assert last_image < vlm.adapter.shared_prefix(vlm.model, inputs, sizes) < inputs["input_ids"].shape[1]
+    weights = torch.randn(plain.shape[-1])
+    grad_plain, = torch.autograd.grad((plain.log_softmax(-1) @ weights).sum(), visual)
+    grad_shared, = torch.autograd.grad((shared.log_softmax(-1) @ weights).sum(), visual)
+    assert torch.allclose(grad_shared, grad_plain, atol=1e-6 * float(grad_plain.abs().max()) + 1e-9, rtol=1e-4)
 
 
 # --- the shipped organism (organisms/organism/, card: organisms/organism/README.md): behaviour observed, then pinned ---

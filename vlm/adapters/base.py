@@ -14,6 +14,8 @@ from transformers import BatchFeature, DynamicCache, PretrainedConfig, PreTraine
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from common.errors import UsageError
+
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat_templates"
 MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attention", "vision_layers", "final_norm")
 OPTIONAL_MODULE_NAMES = ("attention_output",)   # needed only by the sites that use them (vlm/interventions.py)
@@ -110,6 +112,17 @@ class FamilyAdapter:
     def build_config(self, architecture: dict, tokenizer) -> PretrainedConfig:
         """The model config from a YAML `architecture` block, with token ids taken from `tokenizer`."""
         raise NotImplementedError
+
+    # --- starting weights of a model trained from scratch (organisms/model.py) -----------------------
+    def vision_position_embedding(self, model) -> torch.nn.Embedding | None:
+        """The vision tower's learned absolute position embeddings (one row per patch, row-major), or None when
+        the tower has none (positions by rotary embeddings only)."""
+        return None
+
+    def set_residual_branch_gain(self, model, gain: float) -> None:
+        """Scale every LM layer's residual branches (what each attention and feed-forward block adds to the
+        residual stream) by `gain` at their output norms; only for families whose layers normalise that output."""
+        raise UsageError(f"{self.name}'s LM layers have no norm on their residual branches' output to scale")
 
     # --- loaded models --------------------------------------------------------------------------
     def fit_image_processor(self, image_processor, grid) -> None:
@@ -225,6 +238,83 @@ class FamilyAdapter:
             return model(**inputs, pixel_values=torch.empty(0, device=model.device), **kwargs)
         finally:
             del inner.get_image_features
+
+    def shared_prefix_logits(self, model, inputs, visual_tokens: torch.Tensor, group_sizes: list[int],
+                             upto: int | None = None, continuation=None,
+                             shift: torch.Tensor | None = None) -> torch.Tensor:
+        """(rows, vocab) last-position logits of every row of `inputs` (a left-padded batch encoding), whose rows
+        come in consecutive groups of `group_sizes` rows that show one image each (`visual_tokens` (groups,
+        tokens, hidden), one per group) and may differ only after a shared prefix: the questions of one image.
+
+        The columns every group's rows agree on (ids and masks), image included, run once per group; the rest
+        of each row continues from that prefix's keys and values, as generation would. Equal to the plain
+        forward of every row with its group's visual tokens (tests/test_organism.py checks both twins
+        and both organisms); gradients flow through both parts. Falls back to the plain forward when no column before the
+        last is shared or an image token lies after the shared prefix. `upto` ends the prefix there at the latest;
+        `continuation(**kwargs)` (default: the model) runs the rest, e.g. the model with its parameters detached
+        (torch.func.functional_call), so that gradients reach parameters only through the prefix. `shift` (one
+        integer per group) moves the rest of each group's rows that many positions further from the prefix, as if
+        that many hidden tokens stood between them."""
+        ids = inputs["input_ids"]
+        rows, length = ids.shape
+        if len(group_sizes) != visual_tokens.shape[0]:
+            raise ValueError(f"{len(group_sizes)} groups but visual tokens of {visual_tokens.shape[0]} images")
+        firsts, owner = self._groups(group_sizes, rows, ids.device)
+        shared = self.shared_prefix(model, inputs, group_sizes)
+        if upto is not None:
+            shared = min(shared, upto)
+            if bool((ids[:, shared:] == self.image_token_id(model)).any()):
+                raise ValueError(f"a prefix ending at {upto} leaves image tokens after it")
+        if not shared:
+            return self.forward(model, inputs, visual_tokens[owner], logits_to_keep=1).logits[:, -1]
+        aligned = self._aligned(inputs)
+
+        def select(index, columns):
+            return {key: value[index][:, columns] if key in aligned else value[index]
+                    for key, value in inputs.items() if key not in self.image_inputs}
+
+        cache = self.new_cache()
+        self.forward(model, select(firsts, slice(0, shared)), visual_tokens, use_cache=True, logits_to_keep=1,
+                     **{self.cache_argument(model): cache})
+        cache.batch_select_indices(owner)
+        positions = self.continuation_position_ids(model, select(torch.arange(rows), slice(0, shared)),
+                                                   length - shared)
+        if shift is not None:
+            positions = positions + shift.to(positions.device)[owner][:, None]
+        return (continuation or model)(input_ids=ids[:, shared:], attention_mask=inputs["attention_mask"],
+                                       position_ids=positions, use_cache=False, logits_to_keep=1,
+                                       **{self.cache_argument(model): cache}).logits[:, -1]
+
+    def shared_prefix(self, model, inputs, group_sizes: list[int]) -> int:
+        """The columns [0, P) of a left-padded batch encoding that `shared_prefix_logits` runs once per group: every
+        input aligned with the ids equal across each group's rows, no image token after them; 0 when there is
+        no such prefix or it leaves no column to continue."""
+        ids = inputs["input_ids"]
+        rows, length = ids.shape
+        firsts, owner = self._groups(group_sizes, rows, ids.device)
+        same = torch.ones(length, dtype=torch.bool, device=ids.device)
+        for key in self._aligned(inputs):
+            value = inputs[key]
+            same &= (value == value[firsts][owner]).reshape(rows, length, -1).all(-1).all(0)
+        shared = int(same.int().cumprod(0).sum())
+        if shared >= length or bool((ids[:, shared:] == self.image_token_id(model)).any()):
+            return 0
+        return shared
+
+    @staticmethod
+    def _groups(group_sizes: list[int], rows: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each group's first row, each row's group) of `rows` rows in consecutive groups of `group_sizes`."""
+        if sum(group_sizes) != rows or min(group_sizes, default=0) < 1:
+            raise ValueError(f"group sizes {group_sizes} do not split a batch of {rows} rows")
+        sizes = torch.tensor(group_sizes, device=device)
+        owner = torch.repeat_interleave(torch.arange(len(group_sizes), device=device), sizes)
+        return torch.cumsum(sizes, 0) - sizes, owner
+
+    def _aligned(self, inputs) -> list[str]:
+        """The inputs with one entry per token (batch, length, ...), other than the image itself."""
+        shape = tuple(inputs["input_ids"].shape)
+        return [key for key, value in inputs.items()
+                if key not in self.image_inputs and tuple(value.shape[:2]) == shape]
 
     def visual_tokens(self, output: torch.Tensor, tokens_per_image: int) -> torch.Tensor:
         """The visual module's output as (batch, tokens, hidden), tokens in row-major grid order.

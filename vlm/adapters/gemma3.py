@@ -1,6 +1,7 @@
 """Gemma 3 (google/gemma-3-4b-it): the SigLIP vision tower, then the multi-modal projector (4 x 4 average
 pooling to 16 x 16 tokens and a linear map into the LM); module paths in configs/family/gemma3.yaml."""
 
+import torch
 from transformers import (
     BatchFeature,
     Gemma3Config,
@@ -77,3 +78,13 @@ class Gemma3Adapter(FamilyAdapter):
         # token_type_ids (1 at image tokens) makes image tokens attend to each other both ways (docs/experiments.md, "Where the model is read and written")
         return BatchFeature({k: enc[k] for k in ("input_ids", "attention_mask", "pixel_values", "token_type_ids")})
 
+    def vision_position_embedding(self, model):
+        return model.model.vision_tower.embeddings.position_embedding      # SigLIP: learned, one row per patch
+
+    def set_residual_branch_gain(self, model, gain):
+        # Gemma 3 normalises each branch's output (post_attention_layernorm, post_feedforward_layernorm) with an
+        # RMSNorm of gain 1 + weight
+        with torch.no_grad():
+            for layer in self.decoder_layers(model):
+                for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                    norm.weight.fill_(gain - 1.0)
