@@ -422,5 +422,8 @@ def test_whatsup_probes_without_boxes_stop_in_one_line_saying_how_to_make_them(s
 
 
 def test_amplification_from_saved_probes_needs_no_boxes(stand_in, tmp_path):
-    check_inputs(make_cfg("model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}",
-                          f"probes_from={tmp_path}"))
+    """The probe is fit on the boxes' tokens only when it is fit here: with probes_from the same inputs pass."""
+    base = ["model=tiny_qwen2vl", "experiment=amplification", f"data.whatsup_dir={stand_in}"]
+    with pytest.raises(UsageError, match="data.whatsup_boxes"):
+        check_inputs(make_cfg(*base))
+    assert check_inputs(make_cfg(*base, f"probes_from={tmp_path}")) is None
