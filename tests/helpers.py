@@ -96,6 +96,29 @@ def stand_in_dir(tmp_path_factory) -> Path:
     return _written["root"]
 
 
+# tiny sizes per experiment, for running every experiment config end to end (What'sUp ones on the stand-in)
+TINY_SIZES = {
+    "accuracy": ["setting=squares", "n=4"],
+    "last_token": ["setting=squares", "n_pairs=1", "layers=[0,3]"],
+    "object_patching": ["setting=shapes", "n_pairs=1", "layers=[1]"],
+    "strip_patching": ["setting=objects", "n_pairs=1", "layers=[1]"],
+    "ablated_patching": ["setting=squares", "n_pairs=1", "layers=[2]"],
+    "ablation": ["setting=squares", "n=4"],
+    "probes": ["setting=squares", "n_train=2", "n_test=1"],
+    "grid_probes": ["n_train=2", "n_test=1", "grid_sizes=[2]", "grid_targets=[cell]"],
+    "whatsup_probes": ["n_train=2", "n_test=2", "{boxes}"],
+    "amplification": ["alphas=[1]", "random_seeds=[0]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
+                      "n_train=2", "{boxes}"],
+    "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
+}
+
+
+def tiny_overrides(experiment: str, stand_in, sizes: dict = TINY_SIZES) -> list[str]:
+    """`sizes[experiment]` with the stand-in What'sUp directory and its box file filled in."""
+    boxes = f"data.whatsup_boxes={Path(stand_in) / 'boxes.json'}"
+    return [f"data.whatsup_dir={stand_in}", *(a.format(boxes=boxes) for a in sizes[experiment])]
+
+
 def whatsup_cfg(root, model: str = "tiny_qwen2vl", *overrides: str, boxes: bool = False):
     """The config of setting=whatsup on `root` with every pair as a composite (n_composites null), and the box file
     `root`/boxes.json when `boxes`."""

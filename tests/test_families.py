@@ -17,7 +17,7 @@ from common.geometry import Grid
 from data_gen.render import random_samples
 from data_gen.settings import Setting
 from runner import run_unit
-from tests.helpers import load_twin, make_cfg
+from tests.helpers import TINY_SIZES, load_twin, make_cfg, tiny_overrides
 from vlm import vocabularies
 from vlm.adapters import ADAPTERS
 from vlm.adapters.base import MODULE_NAMES
@@ -107,23 +107,10 @@ def test_the_real_processor_puts_each_item_on_its_tokens(name):
 
 # --- every experiment on every new twin -----------------------------------------------------------------------
 
-# tiny sizes per experiment (What'sUp ones on stand-in photographs)
-TINY = {
-    "accuracy": ["setting=squares", "n=4"],
-    "last_token": ["setting=squares", "n_pairs=1", "layers=[0,3]"],
-    "object_patching": ["setting=shapes", "n_pairs=1", "layers=[1]"],
-    "strip_patching": ["setting=objects", "n_pairs=1", "layers=[1]"],
-    "ablated_patching": ["setting=squares", "n_pairs=1", "layers=[2]"],
-    "ablation": ["setting=squares", "n=4"],
-    "probes": ["setting=squares", "n_train=2", "n_test=1"],
-    "grid_probes": ["n_train=2", "n_test=1", "grid_sizes=[2]", "grid_targets=[cell]"],
-    "whatsup_probes": ["n_train=2", "n_test=2", "{boxes}"],
-    "amplification": ["alphas=[1]", "random_seeds=[0]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
-                      "adaptvis.weight1=[0.5]", "adaptvis.weight2=[1.5]",
-                      "image_attention_reweighting.coefficients=[2.0]", "setting.n_composites=12", "n_train=2",
-                      "{boxes}"],
-    "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
-}
+# the runner's tiny sizes; amplification also sweeps AdaptVis' weights and the reweighting, on 12 composites
+TINY = {**TINY_SIZES, "amplification": [*TINY_SIZES["amplification"], "adaptvis.weight1=[0.5]",
+                                         "adaptvis.weight2=[1.5]", "image_attention_reweighting.coefficients=[2.0]",
+                                         "setting.n_composites=12"]}
 
 
 def test_every_experiment_has_tiny_sizes_here():
@@ -143,8 +130,7 @@ def experiment_matrix():
 @pytest.mark.parametrize("name,experiment", list(experiment_matrix()))
 def test_every_experiment_runs_on_each_new_twin(name, experiment, tmp_path, stand_in):
     cfg = make_cfg(f"model={name}", f"experiment={experiment}", f"results_dir={tmp_path}",
-                   f"++embeddings_dir={tmp_path / 'emb'}", f"data.whatsup_dir={stand_in}",
-                   *(a.format(boxes=f"data.whatsup_boxes={stand_in / 'boxes.json'}") for a in TINY[experiment]))
+                   f"++embeddings_dir={tmp_path / 'emb'}", *tiny_overrides(experiment, stand_in, TINY))
     out = run_unit(cfg, get_vlm=lambda: load_twin(name))        # the twin loaded once for every experiment
     assert out == tmp_path / experiment / name / cfg.setting.name and (out / "metrics.json").is_file()
 

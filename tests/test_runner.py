@@ -17,36 +17,20 @@ import runner as runner_module
 from common.cli import CONFIG_DIR, group_choices
 from common.results import find_units, load_unit, unit_dir
 from runner import experiment_function, run_unit
-from tests.helpers import load_twin, make_cfg
+from tests.helpers import TINY_SIZES, load_twin, make_cfg, tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = group_choices("experiment")
-# tiny sizes per experiment, on the organism (whatsup ones on stand-in photographs)
-TINY = {
-    "accuracy": ["setting=squares", "n=4"],
-    "last_token": ["setting=squares", "n_pairs=1", "layers=[0,3]"],
-    "object_patching": ["setting=shapes", "n_pairs=1", "layers=[1]"],
-    "strip_patching": ["setting=objects", "n_pairs=1", "layers=[1]"],
-    "ablated_patching": ["setting=squares", "n_pairs=1", "layers=[2]"],
-    "ablation": ["setting=squares", "n=4"],
-    "probes": ["setting=squares", "n_train=2", "n_test=1"],
-    "grid_probes": ["n_train=2", "n_test=1", "grid_sizes=[2]", "grid_targets=[cell]"],
-    "whatsup_probes": ["n_train=2", "n_test=2", "{boxes}"],
-    "amplification": ["alphas=[1]", "random_seeds=[0]", "scalingvis.coefficients=[2.0]", "adaptvis.thresholds=[0.5]",
-                      "n_train=2", "{boxes}"],
-    "benchmark": ["setting=squares", "n_pairs=1", "layers=[0]"],
-}
 
 
 def test_every_experiment_has_tiny_sizes_here():
-    assert set(TINY) == set(EXPERIMENTS)
+    assert set(TINY_SIZES) == set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_config_runs_on_the_organism(experiment, tmp_path, stand_in):
     cfg = make_cfg("model=organism", f"experiment={experiment}", f"results_dir={tmp_path}",
-                   f"data.whatsup_dir={stand_in}",
-                   *(a.format(boxes=f"data.whatsup_boxes={stand_in / 'boxes.json'}") for a in TINY[experiment]))
+                   *tiny_overrides(experiment, stand_in))
     if "embeddings_dir" in cfg:
         cfg.embeddings_dir = str(tmp_path / "emb")
     assert cfg.experiment.name == experiment and callable(experiment_function(cfg))
