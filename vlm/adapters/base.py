@@ -21,6 +21,12 @@ MODULE_NAMES = ("visual_embeddings", "language_model", "decoder_layers", "attent
 OPTIONAL_MODULE_NAMES = ("attention_output",)   # needed only by the sites that use them (vlm/interventions.py)
 
 
+def size_fields(size, *fields: str) -> tuple[int, ...]:
+    """`fields` of an image processor's `size` or `crop_size`: a dict in some transformers versions, an object with
+    those attributes (SizeDict) in others."""
+    return tuple(size[f] if isinstance(size, dict) else getattr(size, f) for f in fields)
+
+
 class FamilyAdapter:
     """A model family's module paths, token ids, processor settings and input encoding.
 

@@ -10,7 +10,7 @@ from transformers import (
     Gemma3Processor,
 )
 
-from vlm.adapters.base import FamilyAdapter
+from vlm.adapters.base import FamilyAdapter, size_fields
 
 
 class Gemma3Adapter(FamilyAdapter):
@@ -53,9 +53,7 @@ class Gemma3Adapter(FamilyAdapter):
         return per_side, per_side, architecture["vision_config"]["image_size"] // per_side
 
     def fit_image_processor(self, image_processor, grid) -> None:
-        size = image_processor.size
-        height = size["height"] if isinstance(size, dict) else size.height
-        width = size["width"] if isinstance(size, dict) else size.width
+        height, width = size_fields(image_processor.size, "height", "width")
         if (height, width) != (grid.height, grid.width):
             raise ValueError(f"Gemma 3 image processor resizes to {width} x {height}, but the model config's grid "
                              f"needs {grid.width} x {grid.height}")
@@ -66,8 +64,7 @@ class Gemma3Adapter(FamilyAdapter):
 
     def visual_grid(self, model, image_processor, grid):
         per_side = int(round(model.config.mm_tokens_per_image ** 0.5))
-        size = image_processor.size
-        height = size["height"] if isinstance(size, dict) else size.height
+        height, = size_fields(image_processor.size, "height")
         return per_side, per_side, height // per_side
 
     def encode(self, tokenizer, image_processor, images, texts, tokens_per_image) -> BatchFeature:

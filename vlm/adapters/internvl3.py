@@ -12,7 +12,7 @@ from transformers import (
     InternVLForConditionalGeneration,
 )
 
-from vlm.adapters.base import FamilyAdapter
+from vlm.adapters.base import FamilyAdapter, size_fields
 
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]       # InternVL3-*-hf's preprocessor_config.json
 IMAGENET_DEFAULT_STD = [0.229, 0.224, 0.225]
@@ -47,9 +47,7 @@ class InternVL3Adapter(FamilyAdapter):
         return per_side, per_side, image // per_side
 
     def fit_image_processor(self, image_processor, grid):
-        size = image_processor.size
-        height = size["height"] if isinstance(size, dict) else size.height
-        width = size["width"] if isinstance(size, dict) else size.width
+        height, width = size_fields(image_processor.size, "height", "width")
         if (height, width) != (grid.height, grid.width):
             raise ValueError(f"the InternVL image processor resizes to {width} x {height}, but the model config's "
                              f"grid needs {grid.width} x {grid.height}")
@@ -59,8 +57,7 @@ class InternVL3Adapter(FamilyAdapter):
         return model.config.image_token_id
 
     def visual_grid(self, model, image_processor, grid):
-        size = image_processor.size
-        height = size["height"] if isinstance(size, dict) else size.height
+        height, = size_fields(image_processor.size, "height")
         patch = _side(model.config.vision_config.patch_size)
         per_side = int(height // patch * model.config.downsample_ratio)
         return per_side, per_side, height // per_side

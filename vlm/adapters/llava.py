@@ -14,7 +14,7 @@ from transformers import (
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from vlm.adapters.base import FamilyAdapter
+from vlm.adapters.base import FamilyAdapter, size_fields
 
 
 class LlavaAdapter(FamilyAdapter):
@@ -49,9 +49,8 @@ class LlavaAdapter(FamilyAdapter):
 
     def fit_image_processor(self, image_processor, grid):
         # an image of the grid's size is kept as it is only when both the resize and the crop are that size
-        size, crop = image_processor.size, image_processor.crop_size
-        short = size["shortest_edge"] if isinstance(size, dict) else size.shortest_edge
-        crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop.height, crop.width)
+        short, = size_fields(image_processor.size, "shortest_edge")
+        crop = size_fields(image_processor.crop_size, "height", "width")
         if grid.height != grid.width or short != grid.height or crop != (grid.height, grid.width):
             raise ValueError(f"the LLaVA image processor resizes to {short} and crops {crop[1]} x {crop[0]}, but the "
                              f"model config's grid needs {grid.width} x {grid.height}")
@@ -61,8 +60,7 @@ class LlavaAdapter(FamilyAdapter):
 
     def visual_grid(self, model, image_processor, grid):
         vision = model.config.vision_config
-        crop = image_processor.crop_size
-        height = crop["height"] if isinstance(crop, dict) else crop.height
+        height, = size_fields(image_processor.crop_size, "height")
         if height != vision.image_size:
             return height // vision.patch_size, height // vision.patch_size, vision.patch_size
         per_side = vision.image_size // vision.patch_size
@@ -78,8 +76,7 @@ class LlavaAdapter(FamilyAdapter):
 
     @staticmethod
     def patch(image_processor, tokens_per_image):
-        crop = image_processor.crop_size
-        height = crop["height"] if isinstance(crop, dict) else crop.height
+        height, = size_fields(image_processor.crop_size, "height")
         return height // round(tokens_per_image ** 0.5)
 
     def encoder_outputs(self, tokens):
